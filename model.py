@@ -1,0 +1,327 @@
+"""Qwen3 (decoder-only causal LM) and the encoder-decoder built from it (T5Gemma recipe).
+
+Qwen3            embed -> causal blocks -> norm -> LM head (tied or not); loads/saves Hugging Face files.
+EncoderDecoder   embed -> bidirectional blocks -> norm = encoder states
+                 embed -> merged-attention blocks (queries over [encoder ; decoder]) -> norm -> tied head.
+Both stacks start as copies of the Qwen3 layers; one embedding matrix serves encoder input, decoder
+input and LM head.
+"""
+import json
+import os
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from model_components import Block, KVCache, RMSNorm, Rotary
+from model_config import ModelConfig
+from tokenizer import EOS_ID, IGNORE_INDEX, MODE_IDS, QWEN3_VOCAB_SIZE
+
+
+def positions_from_mask(mask, T, device):
+    """Token positions that skip padding, so a left-padded sequence sees the same positions as unpadded."""
+    if mask is None:
+        return torch.arange(T, device=device)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Stack(nn.Module):
+    """A run of blocks and the final norm: Qwen3's decoder, our encoder, or our decoder."""
+
+    def __init__(self, cfg, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.activation_checkpointing = False
+
+    def forward(self, x, cos, sin, mode, key_mask=None, enc_out=None, enc_mask=None, cache=None):
+        for i, block in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mode, key_mask, enc_out, enc_mask, layer_cache,
+                               use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mode, key_mask, enc_out, enc_mask, layer_cache)
+        return self.norm(x)
+
+
+def _init_weights(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+# ---------------------------------------------------------------------------------------
+# safetensors I/O
+
+def read_safetensors_dir(path):
+    """All tensors of a Hugging Face checkpoint dir: model.safetensors or a sharded index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json; "
+                                "pass a checkpoint directory written by save_pretrained")
+    tensors = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def write_atomic(path, write):
+    """Write through `write(tmp_path)`, then rename: a crash never leaves a half file under `path`."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    def dump(p):
+        with open(p, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_atomic(path, dump)
+
+
+def write_safetensors(path, tensors):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+
+def _read_config(path):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json; pass a directory written by save_pretrained "
+                                "(or a Hugging Face Qwen3 checkpoint)")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+# our parameter names <-> Hugging Face Qwen3 names
+_HF_RENAMES = [("embed.", "model.embed_tokens."), ("decoder.layers.", "model.layers."),
+               ("decoder.norm.", "model.norm."), (".attn.", ".self_attn."),
+               (".attn_norm.", ".input_layernorm."), (".mlp_norm.", ".post_attention_layernorm.")]
+
+
+def to_hf_name(name):
+    for ours, hf in _HF_RENAMES:
+        name = name.replace(ours, hf)
+    return name
+
+
+def from_hf_name(name):
+    for ours, hf in _HF_RENAMES:
+        name = name.replace(hf, ours)
+    return name
+
+
+def _load_qwen3_tensors(hf_dir, cfg, dtype):
+    """Hugging Face Qwen3 tensors under our names (embed.*, decoder.*, lm_head.*), cast to dtype."""
+    sd = {from_hf_name(k): v.to(dtype) for k, v in read_safetensors_dir(hf_dir).items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------
+# decoder-only Qwen3
+
+class Qwen3(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.decoder = Stack(cfg, cfg.num_layers)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.apply(_init_weights)
+
+    @property
+    def head_weight(self):
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, idx, attention_mask=None, position_ids=None):
+        """Final normed hidden states [B, T, C]. attention_mask [B, T]: 1 = real token, 0 = padding."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        pos = position_ids if position_ids is not None else positions_from_mask(mask, idx.shape[1], idx.device)
+        x = self.embed(idx)
+        cos, sin = self.rotary(pos, x.dtype)
+        return self.decoder(x, cos, sin, "causal", key_mask=mask)
+
+    def forward(self, idx, attention_mask=None, labels=None, position_ids=None):
+        """labels are aligned with idx (labels[t] is the token after idx[t]), IGNORE_INDEX where unscored.
+        With labels: (None, mean loss) computed without the full logits; without: (logits, None)."""
+        h = self.hidden(idx, attention_mask, position_ids)
+        if labels is None:
+            return F.linear(h, self.head_weight), None
+        loss = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1),
+                                            IGNORE_INDEX)
+        return None, loss
+
+    @classmethod
+    def from_pretrained(cls, hf_dir, dtype=torch.float32):
+        """Load a Hugging Face Qwen3 checkpoint (single or sharded safetensors, tied or untied)."""
+        cfg = ModelConfig.from_hf(hf_dir)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(_load_qwen3_tensors(hf_dir, cfg, dtype), strict=True, assign=True)
+        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)  # its buffers are derived, not stored
+        return model
+
+    def save_pretrained(self, out_dir):
+        """Write Hugging Face files (config.json + model.safetensors) that transformers loads."""
+        os.makedirs(out_dir, exist_ok=True)
+        c = self.cfg
+        dtype = str(self.embed.weight.dtype).replace("torch.", "")
+        hf_config = {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+            "use_sliding_window": False, "bos_token_id": EOS_ID, "eos_token_id": EOS_ID,
+            "torch_dtype": dtype, "dtype": dtype,
+        }
+        write_safetensors(os.path.join(out_dir, "model.safetensors"),
+                          {to_hf_name(k): v for k, v in self.state_dict().items()})
+        write_json(os.path.join(out_dir, "config.json"), hf_config)
+
+
+# ---------------------------------------------------------------------------------------
+# encoder-decoder
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.is_encoder_decoder:
+            raise ValueError("EncoderDecoder needs num_encoder_layers > 0 (use Qwen3 for a decoder-only model)")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.encoder = Stack(cfg, cfg.num_encoder_layers)
+        self.decoder = Stack(cfg, cfg.num_layers)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.apply(_init_weights)
+
+    def set_activation_checkpointing(self, flag=True):
+        self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = flag
+
+    def encode(self, enc_ids, enc_mask=None):
+        """Final normed encoder states [B, S, C]; enc_mask [B, S] bool, True = real token."""
+        mask = None if enc_mask is None else enc_mask.bool()
+        x = self.embed(enc_ids)
+        cos, sin = self.rotary(positions_from_mask(mask, enc_ids.shape[1], enc_ids.device), x.dtype)
+        return self.encoder(x, cos, sin, "bidirectional", key_mask=mask)
+
+    def decoder_hidden(self, dec_ids, enc_out, enc_mask=None, cache=None):
+        """Final normed decoder states. With a cache, dec_ids are only the new tokens."""
+        start = cache.pos if cache is not None else 0
+        x = self.embed(dec_ids)
+        pos = torch.arange(start, start + dec_ids.shape[1], device=dec_ids.device)
+        cos, sin = self.rotary(pos, x.dtype)
+        mask = None if enc_mask is None else enc_mask.bool()
+        h = self.decoder(x, cos, sin, "merged", enc_out=enc_out, enc_mask=mask, cache=cache)
+        if cache is not None:
+            cache.pos += dec_ids.shape[1]
+        return h
+
+    def decode(self, dec_ids, enc_out, enc_mask=None, cache=None):
+        """Logits [B, t, V] for dec_ids given the encoder states (cached after the first call)."""
+        return F.linear(self.decoder_hidden(dec_ids, enc_out, enc_mask, cache), self.embed.weight)
+
+    def new_cache(self):
+        return KVCache(self.cfg.num_layers)
+
+    def forward(self, enc_ids, enc_mask, dec_ids, labels=None):
+        """With labels: (None, mean cross-entropy over labels != IGNORE_INDEX), never holding [B, T, V]
+        logits; without: (logits, None)."""
+        h = self.decoder_hidden(dec_ids, self.encode(enc_ids, enc_mask), enc_mask)
+        if labels is None:
+            return F.linear(h, self.embed.weight), None
+        loss = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.embed.weight, labels.reshape(-1),
+                                            IGNORE_INDEX)
+        return None, loss
+
+    # ---- conversion and checkpoints
+
+    @classmethod
+    def from_qwen3(cls, hf_dir, num_sentinels=100, dtype=torch.float32, seed=0):
+        """Both stacks from one Qwen3 checkpoint's layers; new embedding rows for the sentinels.
+
+        New rows (sentinels, and the UL2 mode-token rows that Qwen3 never trained) start at the mean of the
+        rows the tokenizer actually emits plus a little seeded noise, so they sit where real tokens live
+        and still differ from each other."""
+        src = ModelConfig.from_hf(hf_dir)
+        if src.vocab_size != QWEN3_VOCAB_SIZE:
+            print(f"note: {hf_dir} has vocab {src.vocab_size}, not Qwen3's {QWEN3_VOCAB_SIZE}; "
+                  f"sentinels go at ids {src.vocab_size}.. and the project tokenizer will not match")
+        if not src.tie_embeddings:
+            print(f"note: {hf_dir} has an untied LM head; the encoder-decoder ties its head to the input embedding")
+        cfg = replace(src, vocab_size=src.vocab_size + num_sentinels, num_encoder_layers=src.num_layers,
+                      tie_embeddings=True)
+        sd = _load_qwen3_tensors(hf_dir, src, dtype)
+        sd.pop("lm_head.weight", None)
+        state = {"embed.weight": _grow_embedding(sd.pop("embed.weight"), num_sentinels, seed)}
+        for k, v in sd.items():  # decoder.* -> both stacks
+            state[k] = v
+            state["encoder." + k[len("decoder."):]] = v.clone()
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        return model
+
+    def save_pretrained(self, out_dir):
+        """model.safetensors + config.json (each written atomically). No pickled weights."""
+        os.makedirs(out_dir, exist_ok=True)
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), self.state_dict())
+        write_json(os.path.join(out_dir, "config.json"), {"model_type": "qwen3_encdec", **self.cfg.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        d = _read_config(path)
+        if d.get("model_type") != "qwen3_encdec":
+            raise ValueError(f"{path}: config.json has model_type={d.get('model_type')!r}, not 'qwen3_encdec'; "
+                             "for a Hugging Face Qwen3 checkpoint use EncoderDecoder.from_qwen3")
+        cfg = ModelConfig.from_dict(d)
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = {k: v.to(dtype) for k, v in read_safetensors_dir(path).items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        return model
+
+
+def _grow_embedding(weight, num_new, seed):
+    used = weight[:min(EOS_ID, weight.shape[0])].float()
+    mean, std = used.mean(0), used.std(0)
+    g = torch.Generator().manual_seed(seed)
+
+    def fresh(n):
+        return (mean + 0.1 * std * torch.randn(n, weight.shape[1], generator=g)).to(weight.dtype)
+
+    weight = weight.clone()
+    mode_rows = [i for i in MODE_IDS.values() if i < weight.shape[0]]
+    if mode_rows:
+        weight[mode_rows] = fresh(len(mode_rows))
+    return torch.cat([weight, fresh(num_new)], dim=0)
+
+
+def load_any(path):
+    """Our checkpoint dir, or a Hugging Face Qwen3 dir converted on the fly."""
+    d = _read_config(path)
+    if d.get("model_type") == "qwen3_encdec":
+        return EncoderDecoder.from_pretrained(path)
+    if d.get("model_type") == "qwen3":
+        return EncoderDecoder.from_qwen3(path)
+    raise ValueError(f"{path}: config.json model_type={d.get('model_type')!r} is neither 'qwen3_encdec' nor 'qwen3'")
