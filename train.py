@@ -1,0 +1,628 @@
+"""UL2 training of the Qwen3 encoder-decoder, nanoGPT style.
+
+    python data/shakespeare_qwen3/prepare.py && python train.py config/tiny_shakespeare.py
+    torchrun --nproc_per_node=8 train.py config/qwen3_encdec_0.6b.py
+
+The defaults are the globals below. A config file named on the command line is exec'd over
+them, then --key=value arguments override both (configurator.py). Under torchrun the
+processes split each iteration's micro-batches between them (ddp, zero1 or fsdp); the
+global batch, and so the losses, do not depend on the number of processes.
+"""
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import kernels
+import ul2 as ul2_lib
+from configurator import ConfigError, configure
+from model import EncoderDecoder
+from model_config import ModelConfig, get_preset
+from tokenizer import IGNORE_INDEX, NUM_SENTINELS
+
+_names_before_config = set(globals())
+# ---- run, checkpoints, logging
+out_dir = "out"
+init_from = "scratch"           # 'scratch' (model_preset), 'qwen3' (qwen3_path), 'resume' (latest checkpoint in out_dir)
+model_preset = "tiny_encdec"    # a model_config.py preset, for init_from='scratch'
+model_overrides = {}            # ModelConfig fields replacing the preset's, e.g. {'hidden_size': 128}
+qwen3_path = ""                 # Hugging Face Qwen3 directory or hub name, for init_from='qwen3'
+max_iters = 1000
+log_interval = 10
+eval_interval = 250             # 0: never evaluate
+eval_iters = 20                 # micro-batches of batch_size per evaluation (split over the processes)
+ckpt_interval = 1000            # 0: only at the end
+keep_last = 3                   # checkpoints kept in out_dir
+max_bad_steps = 5               # non-finite losses in a row before the run stops
+wandb_log = False
+wandb_project = "qwen3-encdec"
+wandb_run_name = ""
+# ---- data and UL2
+data_dir = "data/shakespeare_qwen3"
+batch_size = 8                  # examples per micro-step in each process
+grad_accum = 1                  # micro-steps per iteration over all processes: global batch = batch_size * grad_accum
+enc_len = 512
+dec_len = 512
+ul2_mixture = list(ul2_lib.DEFAULT_MIXTURE)  # (kind, mean_span, rate, weight) per denoiser
+ul2_end_mixture = []            # []: fixed mixture; else the weights reached after ul2_curriculum_iters
+ul2_curriculum_iters = 0
+prefetch = 4                    # micro-batches built ahead by the background thread
+seed = 1337
+# ---- optimiser
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_iters = 100
+lr_decay_iters = 0              # end of the cosine; 0: max_iters
+weight_decay = 0.1              # on matrices only: not on norms, not on the (tied) embedding
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                 # 0: no clipping (the norm is still logged)
+# ---- system
+device = "auto"                 # 'auto' (CUDA when present), 'cpu', 'cuda'
+dtype = "auto"                  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
+parallelism = "ddp"             # under torchrun: 'ddp', 'zero1' (ZeroRedundancyOptimizer) or 'fsdp' (FSDP2)
+compile = False                 # torch.compile each block
+activation_checkpointing = False
+use_triton = True               # fused Triton kernels where tensors are on CUDA (kernels.py)
+DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_config and not k.startswith("_")}
+
+CKPT_NAME = re.compile(r"ckpt-(\d{7})")
+# dense bf16 peak FLOP/s for MFU; the first name found in torch.cuda.get_device_name() wins
+GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+                  ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12)]
+
+
+class Fail(Exception):
+    """Stops the run with a one-line message (train.py: error: ...)."""
+
+
+# ---------------------------------------------------------------------------------------
+# config checks and model shape, all before anything heavy
+
+def check_config(c, world):
+    choices = {"init_from": ("scratch", "qwen3", "resume"), "parallelism": ("ddp", "zero1", "fsdp"),
+               "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16")}
+    for key, ok in choices.items():
+        if getattr(c, key) not in ok:
+            raise Fail(f"config key '{key}' is {getattr(c, key)!r}; choose one of {', '.join(ok)}")
+    for key in ("max_iters", "eval_iters", "prefetch", "warmup_iters", "lr_decay_iters", "ckpt_interval",
+                "eval_interval"):
+        if getattr(c, key) < 0:
+            raise Fail(f"config key '{key}' must be >= 0, got {getattr(c, key)}")
+    for key in ("batch_size", "grad_accum", "log_interval", "keep_last", "max_bad_steps", "enc_len", "dec_len"):
+        if getattr(c, key) < 1:
+            raise Fail(f"config key '{key}' must be >= 1, got {getattr(c, key)}")
+    if c.grad_accum % world:
+        raise Fail(f"grad_accum={c.grad_accum} must be a multiple of the number of processes ({world})")
+    if c.init_from == "qwen3" and not c.qwen3_path:
+        raise Fail("init_from='qwen3' needs --qwen3_path=DIR (a Hugging Face Qwen3 checkpoint directory or hub name)")
+
+
+def find_qwen3(path):
+    """A local Hugging Face directory, or a hub name fetched into the local cache."""
+    if not os.path.isdir(path):
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise Fail(f"qwen3_path {path} is not a directory; pass a Hugging Face Qwen3 checkpoint directory")
+        try:
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as e:
+            raise Fail(f"qwen3_path {path}: not a local directory and not fetched from the hub "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                       "download it first and pass the directory") from None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise Fail(f"qwen3_path {path} has no config.json; pass a Hugging Face Qwen3 checkpoint directory")
+    return path
+
+
+def list_checkpoints(directory):
+    """Complete checkpoints, oldest first (a name with any suffix, such as .tmp, is not complete)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if CKPT_NAME.fullmatch(n))
+
+
+def model_shape(c):
+    """(ModelConfig, Qwen3 directory or checkpoint directory) without loading any weights."""
+    if c.init_from == "scratch":
+        return get_preset(c.model_preset, **c.model_overrides), None
+    if c.init_from == "qwen3":
+        path = find_qwen3(c.qwen3_path)
+        src = ModelConfig.from_hf(path)
+        return ModelConfig.from_dict({**src.to_dict(), "vocab_size": src.vocab_size + NUM_SENTINELS,
+                                      "num_encoder_layers": src.num_layers, "tie_embeddings": True}), path
+    ckpts = list_checkpoints(c.out_dir)
+    if not ckpts:
+        raise Fail(f"init_from='resume': no checkpoint ckpt-NNNNNNN in {c.out_dir}; "
+                   "start with init_from='scratch' or 'qwen3', or point --out_dir at an earlier run")
+    with open(os.path.join(ckpts[-1], "config.json")) as f:
+        return ModelConfig.from_dict(json.load(f)), ckpts[-1]
+
+
+def check_out_dir(c):
+    if c.init_from != "resume" and list_checkpoints(c.out_dir):
+        raise Fail(f"out_dir {c.out_dir} already holds checkpoints from an earlier run; continue it with "
+                   "--init_from=resume, or pick a new --out_dir (or delete the old one)")
+
+
+# ---------------------------------------------------------------------------------------
+# data: disjoint random windows, UL2 batches built ahead on a background thread
+
+class WindowSampler:
+    """Example k of the run -> a window of `length` tokens.
+
+    Each epoch cuts every shard into non-overlapping slots at a random phase and visits the
+    slots in a random order, so no two examples of an epoch overlap, whichever process draws
+    them, and the data position is one integer (the examples drawn so far)."""
+
+    def __init__(self, data, length, seed, what):
+        self.data, self.length, self.seed = data, length, seed
+        # one slot of slack per shard leaves room for the random phase
+        counts = [max(len(s) // length - 1, 0) for s in data.shards]
+        self.first_slot = np.cumsum([0] + counts)
+        self.num_slots = int(self.first_slot[-1])
+        if self.num_slots == 0:
+            raise Fail(f"{what}: too few tokens for even one window of {length} (shards of "
+                       f"{[len(s) for s in data.shards]} tokens); use more data or shorter enc_len/dec_len")
+        self.epoch, self.phase, self.order = -1, 0, None
+
+    def windows(self, first, n):
+        out = np.empty((n, self.length), np.int64)
+        for i, k in enumerate(range(first, first + n)):
+            epoch, j = divmod(k, self.num_slots)
+            if epoch != self.epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self.epoch, self.phase, self.order = epoch, int(rng.integers(self.length)), rng.permutation(self.num_slots)
+            slot = int(self.order[j])
+            shard = int(np.searchsorted(self.first_slot, slot, side="right")) - 1
+            start = self.phase + (slot - int(self.first_slot[shard])) * self.length
+            out[i] = self.data.window(shard, start, self.length)
+        return out
+
+
+class Prefetcher:
+    """Calls make(it, micro) for the coming micro-steps on a background thread (numpy releases
+    the GIL for most of the work), so the training step never waits for its batch."""
+
+    def __init__(self, make, first_iter, micro_steps, depth):
+        self.queue, self.stop = queue.Queue(maxsize=max(depth, 1)), threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(make, first_iter, micro_steps), daemon=True)
+        self.thread.start()
+
+    def _run(self, make, it, micro_steps):
+        try:
+            while not self.stop.is_set():
+                for a in range(micro_steps):
+                    item = make(it, a)
+                    while not self.stop.is_set():
+                        try:
+                            self.queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                it += 1
+        except BaseException as e:  # hand the error to the training loop
+            self.queue.put(e)
+
+    def next(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def to_tensors(batch, pin):
+    out = {k: torch.from_numpy(batch[k]) for k in ("enc_ids", "enc_mask", "dec_ids", "labels")}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+
+# ---------------------------------------------------------------------------------------
+# model, parallelism, optimiser
+
+def parallelize(model, c, world, dev, ptdtype):
+    if world == 1:
+        return model
+    if c.parallelism == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if dev.type == "cuda" \
+            else MixedPrecisionPolicy()
+        for block in [*model.encoder.layers, *model.decoder.layers]:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)  # the root holds the tied embedding and the final norms
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def make_optimizer(raw, c, dev, world):
+    """AdamW; weight decay on matrices only. Norm weights are scales around 1 and the embedding
+    is also the output layer of 152K rows, most of them rare: decaying either pulls them toward
+    zero for no benefit, as GPT-2/nanoGPT and most LLM recipes choose."""
+    groups = {"decay": ([], []), "no_decay": ([], [])}
+    for name, p in raw.named_parameters():
+        params, names = groups["no_decay" if p.dim() < 2 or p is raw.embed.weight else "decay"]
+        params.append(p)
+        names.append(name)
+    param_groups = [{"params": groups["decay"][0], "weight_decay": c.weight_decay},
+                    {"params": groups["no_decay"][0], "weight_decay": 0.0}]
+    kw = dict(lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=dev.type == "cuda")
+    if world > 1 and c.parallelism == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        opt = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW, **kw)
+    else:
+        opt = torch.optim.AdamW(param_groups, **kw)
+    return opt, [groups["decay"][1], groups["no_decay"][1]]
+
+
+def get_lr(it, c):
+    decay_iters = c.lr_decay_iters or c.max_iters
+    if it < c.warmup_iters:
+        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+    if it >= decay_iters:
+        return c.min_lr
+    t = (it - c.warmup_iters) / max(decay_iters - c.warmup_iters, 1)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (c.learning_rate - c.min_lr)
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints: full (unsharded) state, written to ckpt-NNNNNNN.tmp and renamed when complete
+
+def _sharded(c, world):
+    return world > 1 and c.parallelism == "fsdp"
+
+
+def full_optimizer_state(model, opt, names, c, world, rank):
+    """{param name: {key: tensor}} on rank 0 (None elsewhere), whatever the parallelism."""
+    if _sharded(c, world):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return osd["state"] if rank == 0 else None
+    if world > 1 and c.parallelism == "zero1":
+        opt.consolidate_state_dict(to=0)
+    if rank != 0:
+        return None
+    flat = [n for group in names for n in group]
+    return {flat[i]: s for i, s in opt.state_dict()["state"].items()}
+
+
+def load_optimizer_state(model, opt, names, state, c, world):
+    missing = [n for group in names for n in group if n not in state]
+    if missing:
+        raise Fail(f"checkpoint optimizer state lacks {len(missing)} parameters (first: {missing[0]}); "
+                   "it was written for a different model")
+    # hyperparameters come from the config (so they can change on resume); moments from the checkpoint
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    if _sharded(c, world):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        osd = {"state": state, "param_groups": [{**h, "params": list(n)} for h, n in zip(hyper, names)]}
+        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+        return
+    flat = [n for group in names for n in group]
+    index = {n: i for i, n in enumerate(flat)}
+    opt.load_state_dict({"state": {index[n]: state[n] for n in flat},
+                         "param_groups": [{**h, "params": [index[n] for n in group]} for h, group in zip(hyper, names)]})
+
+
+def rng_states(world):
+    """Every process's torch (and CUDA) generator state: {name: uint8 tensor}."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    everyone = [mine]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    return {f"rng.{k}.{r}": v for r, states in enumerate(everyone) for k, v in states.items()}
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(model, raw, opt, names, run, c, world, rank):
+    from safetensors.torch import save_file
+    model_sd = None
+    if _sharded(c, world):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    opt_state = full_optimizer_state(model, opt, names, c, world, rank)
+    rng = rng_states(world)
+    if rank == 0:
+        final = os.path.join(c.out_dir, f"ckpt-{run['iter']:07d}")
+        tmp = final + ".tmp"
+        for name in os.listdir(c.out_dir):  # leftovers of a write that was killed
+            if name.startswith("ckpt-") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(c.out_dir, name), ignore_errors=True)
+        if model_sd is None:
+            raw.save_pretrained(tmp)
+        else:  # an empty shell of the model carries the gathered weights into save_pretrained
+            with torch.device("meta"):
+                shell = EncoderDecoder(raw.cfg)
+            shell.load_state_dict(model_sd, assign=True)
+            shell.save_pretrained(tmp)
+        tensors = {f"optim.{name}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
+                   for name, s in opt_state.items() for k, v in s.items()}
+        tensors.update(rng)
+        save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({**run, "world_size": world, "parallelism": c.parallelism, "param_names": names,
+                       "config": vars(c)}, f, indent=1)
+        for name in os.listdir(tmp):  # on disk before the rename makes the checkpoint visible
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp)
+        if os.path.exists(final):  # move an old copy aside first: a complete name is never half there
+            os.rename(final, final + ".old.tmp")
+            shutil.rmtree(final + ".old.tmp")
+        os.rename(tmp, final)
+        _fsync(c.out_dir)
+        for old in list_checkpoints(c.out_dir)[:-c.keep_last]:
+            os.rename(old, old + ".old.tmp")
+            shutil.rmtree(old + ".old.tmp")
+    if world > 1:
+        dist.barrier()
+
+
+def read_checkpoint(path):
+    from safetensors.torch import load_file
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            run = json.load(f)
+        tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+    except (OSError, ValueError) as e:
+        raise Fail(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to resume from the one before")
+    optim = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            name, k = key[len("optim."):].rsplit(".", 1)
+            optim.setdefault(name, {})[k] = v
+    rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    return run, optim, rng
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation: loss per denoiser on fixed validation batches
+
+def eval_batches(c, val_data, ul2, world, rank):
+    """This process's share of the fixed validation set: per micro-batch, one sub-batch per
+    denoiser. Every process runs the same number of forwards (a sub-batch with no rows of a
+    denoiser becomes a dummy with every label ignored) so FSDP's collectives stay in step."""
+    sampler = WindowSampler(val_data, ul2.window_len, seed=0, what=f"{c.data_dir} val split")
+    fixed = ul2_lib.UL2(c.enc_len, c.dec_len, ul2.mixture, seed=0)
+    rounds = []
+    for i in range(rank, math.ceil(c.eval_iters / world) * world, world):
+        b = fixed.make_batch(sampler.windows(i * c.batch_size, c.batch_size), step=i)
+        subs = []
+        for d in range(len(ul2.mixture)):
+            rows = b["denoiser"] == d
+            if i >= c.eval_iters or not rows.any():
+                sub = {k: v[:1] for k, v in b.items()}
+                sub["labels"] = np.full_like(sub["labels"], IGNORE_INDEX)
+            else:
+                sub = {k: v[rows] for k, v in b.items()}
+            subs.append(to_tensors(sub, pin=False))
+        rounds.append(subs)
+    return rounds
+
+
+@torch.no_grad()
+def evaluate(model, rounds, names, dev, autocast, world):
+    model.eval()
+    sums = torch.zeros(2, len(names), dtype=torch.float64, device=dev)  # loss x tokens, tokens
+    for subs in rounds:
+        for d, sub in enumerate(subs):
+            sub = {k: v.to(dev) for k, v in sub.items()}
+            with autocast:
+                _, loss = model(sub["enc_ids"], sub["enc_mask"], sub["dec_ids"], labels=sub["labels"])
+            n = (sub["labels"] != IGNORE_INDEX).sum()
+            sums[0, d] += loss.double() * n
+            sums[1, d] += n
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train()
+    per = {f"val/{name}": (s / n).item() for name, s, n in zip(names, sums[0], sums[1]) if n > 0}
+    return {"val_loss": (sums[0].sum() / sums[1].sum().clamp(min=1)).item(), **per}
+
+
+# ---------------------------------------------------------------------------------------
+
+def main(argv):
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    try:
+        c = SimpleNamespace(**configure(DEFAULTS, argv))
+    except ConfigError as e:
+        raise Fail(str(e)) from None
+    check_config(c, world)
+    use_cuda = c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise Fail("device='cuda' but torch sees no CUDA device; use --device=cpu")
+    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    dtype_name = c.dtype if c.dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+    if dtype_name == "bfloat16" and not use_cuda:
+        raise Fail("dtype='bfloat16' is for CUDA (autocast); on CPU use --dtype=float32")
+    ptdtype = getattr(torch, dtype_name)
+    kernels.use_triton(c.use_triton)
+
+    # everything that can fail on bad input fails here, before any weights load
+    from shards import ShardDataset
+    try:
+        check_out_dir(c)
+        mcfg, source = model_shape(c)
+        ul2 = ul2_lib.UL2(c.enc_len, c.dec_len, c.ul2_mixture, c.ul2_end_mixture or None,
+                          c.ul2_curriculum_iters, seed=c.seed)
+        train_data = ShardDataset(c.data_dir, "train", vocab_size=mcfg.vocab_size)
+        val_data = ShardDataset(c.data_dir, "val", vocab_size=mcfg.vocab_size) if c.eval_interval else None
+    except (ValueError, OSError) as e:  # messages from model_config / ul2 / shards name the file or key
+        raise Fail(str(e)) from None
+    data_vocab = train_data.meta.get("vocab_size")
+    if data_vocab != mcfg.vocab_size:
+        raise Fail(f"{c.data_dir}/meta.json: vocab_size {data_vocab} does not match the model's {mcfg.vocab_size}; "
+                   "prepare the shards with this project's tokenizer or pick a model with that vocabulary")
+    sampler = WindowSampler(train_data, ul2.window_len, seed=c.seed, what=f"{c.data_dir} train split")
+
+    if world > 1:
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    torch.manual_seed(c.seed)  # identical initial weights in every process
+    run = {"iter": 0, "examples": 0, "bad_steps": 0, "val_loss": None}
+    try:
+        if c.init_from == "scratch":
+            raw = EncoderDecoder(mcfg)
+        elif c.init_from == "qwen3":
+            raw = EncoderDecoder.from_qwen3(source)
+        else:
+            raw = EncoderDecoder.from_pretrained(source)
+            saved, optim_state, rng = read_checkpoint(source)
+            run.update({k: saved[k] for k in run})
+    except (ValueError, OSError) as e:
+        raise Fail(f"cannot load {source}: {e}") from None
+    raw.to(dev)
+    raw.set_activation_checkpointing(c.activation_checkpointing)
+    if c.compile:
+        for block in [*raw.encoder.layers, *raw.decoder.layers]:
+            block.compile()  # in place: parameter names, and so checkpoints, stay the same
+    model = parallelize(raw, c, world, dev, ptdtype)
+    opt, names = make_optimizer(raw, c, dev, world)
+    if c.init_from == "resume":
+        load_optimizer_state(model, opt, names, optim_state, c, world)
+        torch.set_rng_state(rng.get(f"rng.torch.{rank}", rng["rng.torch.0"]))
+        if use_cuda and f"rng.cuda.{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"rng.cuda.{rank}"])
+    autocast = torch.autocast("cuda", dtype=ptdtype) if use_cuda and ptdtype != torch.float32 \
+        and not _sharded(c, world) else nullcontext()  # FSDP casts through its mixed-precision policy
+
+    micro_steps = c.grad_accum // world
+    global_batch = c.batch_size * c.grad_accum
+    iter0, examples0 = run["iter"], run["examples"]
+
+    def make(it, a):
+        g = rank * micro_steps + a  # this micro-batch's index within the global batch
+        first = examples0 + (it - iter0) * global_batch + g * c.batch_size
+        return to_tensors(ul2.make_batch(sampler.windows(first, c.batch_size), step=it, rank=g), pin=use_cuda)
+
+    rounds = eval_batches(c, val_data, ul2, world, rank) if c.eval_interval else []
+    flops_per_iter = mcfg.flops_per_example(c.enc_len, c.dec_len) * global_batch
+    peak = next((f for n, f in GPU_PEAK_FLOPS if n in torch.cuda.get_device_name(dev)), None) if use_cuda else None
+
+    log_file, wandb = None, None
+    if rank == 0:
+        os.makedirs(c.out_dir, exist_ok=True)
+        log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a")
+        if c.wandb_log:
+            try:
+                import wandb
+                wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=vars(c))
+            except ImportError:
+                print("warning: wandb_log=True but wandb is not installed; logging to log.jsonl only")
+        n = mcfg.num_params()
+        print(f"model {n['total'] / 1e6:.1f}M params ({n['non_embedding'] / 1e6:.1f}M non-embedding), "
+              f"{world} process(es) {c.parallelism if world > 1 else ''} on {dev} {dtype_name}, global batch "
+              f"{global_batch} x (enc {c.enc_len} + dec {c.dec_len}), window {ul2.window_len}, from iter {iter0}")
+
+    def log(record, line):
+        if rank == 0:
+            print(line, flush=True)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if wandb is not None:
+                wandb.log(record, step=record["iter"])
+
+    prefetcher = Prefetcher(make, iter0, micro_steps, c.prefetch)
+    t_start = t_log = time.time()
+    iters_logged = 0
+    try:
+        for it in range(iter0, c.max_iters + 1):
+            if c.eval_interval and (it % c.eval_interval == 0 or it == c.max_iters):
+                ev = evaluate(model, rounds, ul2.denoiser_names, dev, autocast, world)
+                run["val_loss"] = ev["val_loss"]
+                log({"iter": it, **ev}, f"iter {it}: val loss {ev['val_loss']:.4f} (" +
+                    ", ".join(f"{k[4:]} {v:.3f}" for k, v in ev.items() if k.startswith("val/")) + ")")
+            if it > iter0 and ((c.ckpt_interval and it % c.ckpt_interval == 0) or it == c.max_iters):
+                save_checkpoint(model, raw, opt, names, run, c, world, rank)
+            if it == c.max_iters:
+                break
+
+            # one optimisation step over grad_accum micro-batches, split between the processes
+            lr = get_lr(it, c)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=dev)
+            for a in range(micro_steps):
+                batch = {k: v.to(dev, non_blocking=True) for k, v in prefetcher.next().items()}
+                last = a == micro_steps - 1
+                if _sharded(c, world):
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if world > 1 and not last and not _sharded(c, world) else nullcontext()
+                with sync, autocast:
+                    _, loss = model(batch["enc_ids"], batch["enc_mask"], batch["dec_ids"], labels=batch["labels"])
+                    (loss / micro_steps).backward()
+                loss_sum += loss.detach().float()
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            loss_value = loss_sum.item() / c.grad_accum
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or float("inf"))
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if math.isfinite(loss_value) and math.isfinite(norm):
+                opt.step()
+                run["bad_steps"] = 0
+            else:
+                run["bad_steps"] += 1
+                if rank == 0:
+                    print(f"warning: iter {it}: non-finite loss {loss_value} / grad norm {norm}; step skipped")
+                if run["bad_steps"] >= c.max_bad_steps:
+                    last_ckpt = (list_checkpoints(c.out_dir) or ["none"])[-1]
+                    raise Fail(f"{run['bad_steps']} non-finite losses in a row at iter {it}; stopped. Last good "
+                               f"checkpoint: {last_ckpt}. Lower learning_rate or check the data")
+            opt.zero_grad(set_to_none=True)
+            run["iter"], run["examples"] = it + 1, run["examples"] + global_batch
+
+            iters_logged += 1
+            if (it + 1) % c.log_interval == 0 or it + 1 == c.max_iters:
+                now = time.time()
+                dt = (now - t_log) / iters_logged
+                tok_s = global_batch * (c.enc_len + c.dec_len) / dt
+                mfu = flops_per_iter / dt / (peak * world) if peak else None
+                eta = (c.max_iters - it - 1) * (now - t_start) / (it + 1 - iter0)
+                log({"iter": it + 1, "loss": loss_value, "lr": lr, "grad_norm": norm, "tok_per_s": tok_s,
+                     "mfu": mfu, "dt": dt, "time": now - t_start},
+                    f"iter {it + 1}/{c.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm:.3f}, "
+                    f"{tok_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, "
+                    f"{1000 * dt:.0f} ms/iter, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                t_log, iters_logged = now, 0
+    finally:
+        prefetcher.close()
+        if log_file is not None:
+            log_file.close()
+    return run
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except Fail as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
