@@ -41,7 +41,7 @@ def _check(key, value, defaults, source):
 def _run_config_file(path, defaults):
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found; give a path such as config/tiny_shakespeare.py")
-    scope = dict(defaults)
+    scope = dict(defaults, __file__=path)  # so a config can exec a sibling config by path
     try:
         with open(path) as f:
             exec(compile(f.read(), path, "exec"), scope)
