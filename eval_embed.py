@@ -52,16 +52,17 @@ def fail(msg):
 # pooling and batching (shared with extract.py, which re-states pooling in hf_encoder.py)
 
 def pool(states, mask, how):
-    """states [B, T, C], mask [B, T] (1 = real token, right-padded) -> [B, C] in fp32."""
-    states, mask = states.float(), mask.to(states.device)
+    """states [B, T, C], mask [B, T] (1 = real token; either padding side) -> [B, C] in fp32.
+    cls is the first real token, last the last real token."""
+    states, mask = states.float(), mask.to(states.device).int()
     if how == "mean":
         m = mask.float()[..., None]
         return (states * m).sum(1) / m.sum(1).clamp(min=1.0)
+    rows = torch.arange(states.shape[0], device=states.device)
     if how == "cls":
-        return states[:, 0]
+        return states[rows, mask.argmax(1)]
     if how == "last":
-        last = mask.long().sum(1).clamp(min=1) - 1
-        return states[torch.arange(states.shape[0], device=states.device), last]
+        return states[rows, mask.shape[1] - 1 - mask.flip(1).argmax(1)]
     raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
 
 
@@ -131,8 +132,13 @@ class Encoder:
                              "write the directory with extract.py")
         stack = extract.load_encoder_stack(path, hf).to(device=device, dtype=dtype).eval()
         import tokenizer as tok
+        # the project's tokenizer when it is the one the directory was written with (same ids, faster to
+        # load); otherwise the directory's own tokenizer files
+        t = tok.load_tokenizer()
+        if t.fingerprint != hf.get("tokenizer_fingerprint"):
+            t = tok.load_tokenizer(path)
         kw.setdefault("max_len", hf["max_seq_length"])
-        return cls(stack, tok.load_tokenizer(path), pooling or hf["pooling"], hf["normalize"],
+        return cls(stack, t, pooling or hf["pooling"], hf["normalize"],
                    device=device, name=os.path.basename(os.path.normpath(path)), **kw)
 
     @classmethod
@@ -152,7 +158,7 @@ class Encoder:
         m = M.Qwen3.from_pretrained(path).to(device=device, dtype=dtype).eval()
         has_tok = os.path.isfile(os.path.join(path, "tokenizer.json")) or \
             os.path.isfile(os.path.join(path, "vocab.json"))
-        return cls(m.hidden_states, tok.load_tokenizer(path if has_tok else None), pooling, True,
+        return cls(m.hidden, tok.load_tokenizer(path if has_tok else None), pooling, True,
                    append_eos=(pooling == "last"), device=device,
                    name=os.path.basename(os.path.normpath(path)), **kw)
 
@@ -202,7 +208,7 @@ def guess_kind(path):
         return "ours"
     if cfg.get("model_type") == "qwen3":
         return "qwen3"
-    if cfg.get("num_encoder_layers", 0) > 0:
+    if cfg.get("model_type") == "qwen3_encdec":
         return "ckpt"
     return "st"
 

@@ -204,6 +204,24 @@ def test_eval_retrieval_and_sts_end_to_end(tmp_path):
     assert r["pairs"] == 3 and r["spearman"] == pytest.approx(100.0)
 
 
+def test_qwen3_causal_baseline_matches_transformers(hf_qwen3_dir):
+    # the decoder-only baseline: our Qwen3 read causally, pooled; reference: transformers' Qwen3Model
+    from transformers import AutoModel
+    import tokenizer as tok
+    texts = ["Hello world", "A somewhat longer sentence, so the first one gets padded."]
+    ref_model = AutoModel.from_pretrained(hf_qwen3_dir).eval()
+    t = tok.load_tokenizer()
+    assert E.guess_kind(hf_qwen3_dir) == "qwen3"
+    for pooling in ("mean", "last"):
+        got = E.load_model(f"qwen3:{hf_qwen3_dir}:{pooling}").encode(texts)
+        for i, text in enumerate(texts):
+            ids = t.encode(text) + ([t.eos_id] if pooling == "last" else [])  # last pooling reads an eos
+            with torch.no_grad():
+                h = ref_model(torch.tensor([ids])).last_hidden_state[0]
+            want = torch.nn.functional.normalize(h.mean(0) if pooling == "mean" else h[-1], dim=0)
+            np.testing.assert_allclose(got[i], want.numpy(), atol=1e-5, err_msg=pooling)
+
+
 def test_markdown_table_side_by_side():
     md = E.markdown_table({"m1": {"t": {"spearman": 80.0}}, "m2": {"t": {"spearman": 70.5}, "u": {"ndcg@10": 1.0}}})
     lines = md.strip().splitlines()

@@ -1,0 +1,303 @@
+"""Ship the encoder of a training checkpoint as a standalone text-embedding directory.
+
+    python extract.py --ckpt out/ckpt-0005000 --out out/encoder --pooling mean --verify
+    python extract.py --ckpt out --average_last 5 --out out/encoder     # mean of the last 5 checkpoints
+
+--ckpt is a checkpoint directory (model.safetensors + config.json, as EncoderDecoder.save_pretrained
+writes), a training out_dir (its latest ckpt-XXXXXXX, or the last N with --average_last N), or a Hugging
+Face Qwen3 directory (the encoder as initialised, before any training: a baseline).
+
+The directory holds
+  model.safetensors      embed.weight and encoder.* under the checkpoint's own names
+  config.json            model_type "qwen3_encoder", shapes, pooling, normalize, max_seq_length, auto_map
+  hf_encoder.py          the modeling file transformers runs with trust_remote_code
+  tokenizer.json, tokenizer_config.json    (tokenizer.save_hf, right padding)
+  modules.json, sentence_bert_config.json, 1_Pooling/, 2_Normalize/   for sentence-transformers
+and loads three ways with the same embeddings (--verify checks it, |diff| <= 1e-5):
+  eval_embed.Encoder.from_pretrained(dir).encode(texts)                       this project's model code
+  AutoModel.from_pretrained(dir, trust_remote_code=True)(...).pooler_output   transformers
+  SentenceTransformer(dir, trust_remote_code=True).encode(texts)             sentence-transformers
+Texts are embedded as their plain tokens: no mode token, no eos, no instruction prefix.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+
+MODEL_TYPE = "qwen3_encoder"
+POOLINGS = ("mean", "cls", "last")
+CKPT_RE = re.compile(r"^ckpt-(\d{7})$")
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERIFY_TEXTS = [
+    "A man is playing a guitar.",
+    "The quick brown fox jumps over the lazy dog while the farmer watches from a distance.",
+    "你好，世界！",
+    "x",
+    "Embeddings should not depend on how much padding sits next to a sentence in its batch, "
+    "which is why this one is much longer than the others in the list.",
+]
+
+
+def fail(msg):
+    print(f"extract: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------
+# reading checkpoints
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints ckpt-XXXXXXX of a training out_dir, oldest first (`.tmp` ones are partial)."""
+    found = [(int(m.group(1)), os.path.join(out_dir, d)) for d in os.listdir(out_dir)
+             if (m := CKPT_RE.match(d)) and os.path.isdir(os.path.join(out_dir, d))]
+    return [p for _, p in sorted(found)]
+
+
+def is_checkpoint(path):
+    return os.path.isfile(os.path.join(path, "config.json")) and (
+        os.path.isfile(os.path.join(path, "model.safetensors"))
+        or os.path.isfile(os.path.join(path, "model.safetensors.index.json")))
+
+
+def resolve_checkpoints(ckpt, average_last=1):
+    """--ckpt and --average_last -> the checkpoint directories to read."""
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such directory")
+    ckpts = list_checkpoints(ckpt)
+    if ckpts:
+        if average_last > len(ckpts):
+            raise ValueError(f"--average_last {average_last}: {ckpt} has only {len(ckpts)} complete checkpoints")
+        return ckpts[-average_last:]
+    if average_last > 1:
+        raise ValueError(f"--average_last {average_last} needs a training out_dir holding ckpt-XXXXXXX "
+                         f"directories; {ckpt} has none")
+    if not is_checkpoint(ckpt):
+        raise FileNotFoundError(f"--ckpt {ckpt}: neither a checkpoint (config.json + model.safetensors) "
+                                "nor an out_dir with ckpt-XXXXXXX directories")
+    return [ckpt]
+
+
+def encoder_tensors(path):
+    """(ModelConfig, {embed.weight, encoder.*}) of one checkpoint; a Qwen3 directory is converted."""
+    import model as M
+    from model_config import ModelConfig
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    if d.get("model_type") == "qwen3":
+        m = M.EncoderDecoder.from_qwen3(path)
+        return m.cfg, {k: v for k, v in m.state_dict().items() if k == "embed.weight" or k.startswith("encoder.")}
+    if d.get("model_type") != "qwen3_encdec":
+        raise ValueError(f"{path}/config.json: model_type {d.get('model_type')!r} is neither 'qwen3_encdec' "
+                         "(a training checkpoint) nor 'qwen3'")
+    cfg = ModelConfig.from_dict(d)
+    sd = M.read_safetensors_dir(path)
+    keep = {k: v for k, v in sd.items() if k == "embed.weight" or k.startswith("encoder.")}
+    if "embed.weight" not in keep or not any(k.startswith("encoder.") for k in keep):
+        raise ValueError(f"{path}: no embed.weight / encoder.* tensors; is this an EncoderDecoder checkpoint?")
+    return cfg, keep
+
+
+def average_checkpoints(paths):
+    """Element-wise mean of the encoder tensors of several checkpoints (accumulated in fp64)."""
+    cfg, acc = encoder_tensors(paths[0])
+    dtypes = {k: v.dtype for k, v in acc.items()}
+    acc = {k: v.double() for k, v in acc.items()}
+    for p in paths[1:]:
+        c, sd = encoder_tensors(p)
+        if c != cfg or set(sd) != set(acc):
+            raise ValueError(f"{p}: its config or tensor names differ from {paths[0]}; only average one run")
+        for k, v in sd.items():
+            acc[k] += v.double()
+    return cfg, {k: (v / len(paths)).to(dtypes[k]) for k, v in acc.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# the project-side model of an exported directory
+
+class EncoderStack(nn.Module):
+    """The encoder half of model.EncoderDecoder (same module names, same forward code)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        import model as M
+        from model_components import Rotary
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.encoder = M.Stack(cfg, cfg.num_encoder_layers)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    def forward(self, ids, mask):
+        import model as M
+        return M.EncoderDecoder.encode(self, ids, mask)  # the training code's encoder, not a copy of it
+
+
+def model_config_of(hf):
+    """ModelConfig for an exported config.json (decoder fields mirror the encoder; they are unused)."""
+    from model_config import ModelConfig
+    n = hf["num_hidden_layers"]
+    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                       intermediate_size=hf["intermediate_size"], num_layers=n, num_encoder_layers=n,
+                       num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
+                       head_dim=hf["head_dim"], rope_theta=hf["rope_theta"], rms_norm_eps=hf["rms_norm_eps"],
+                       max_seq_len=hf["max_position_embeddings"])
+
+
+def load_encoder_stack(path, hf):
+    import model as M
+    from model_components import Rotary
+    cfg = model_config_of(hf)
+    with torch.device("meta"):
+        stack = EncoderStack(cfg)
+    stack.load_state_dict(M.read_safetensors_dir(path), strict=True, assign=True)
+    stack.rotary = Rotary(cfg.head_dim, cfg.rope_theta)  # derived buffers, not stored
+    return stack
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len=512, sources=()):
+    """Write every file of the exported directory into `out` (a fresh directory)."""
+    from safetensors.torch import save_file
+    import tokenizer as tok
+    if pooling not in POOLINGS:
+        raise ValueError(f"--pooling must be one of {POOLINGS}, got {pooling!r}")
+    os.makedirs(out, exist_ok=True)
+    tokenizer = tok.load_tokenizer()
+    dtype = str(tensors["embed.weight"].dtype).replace("torch.", "")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    max_len = min(max_len, cfg.max_seq_len)
+    write_json(os.path.join(out, "config.json"), {
+        "model_type": MODEL_TYPE, "architectures": ["Qwen3EncoderModel"],
+        "auto_map": {"AutoConfig": "hf_encoder.Qwen3EncoderConfig", "AutoModel": "hf_encoder.Qwen3EncoderModel"},
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_encoder_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_seq_len,
+        "pooling": pooling, "normalize": normalize, "max_seq_length": max_len,
+        "pad_token_id": tok.PAD_ID, "eos_token_id": tok.EOS_ID, "dtype": dtype,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "extracted_from": [os.path.abspath(s) for s in sources],
+    })
+    shutil.copy(os.path.join(HERE, "hf_encoder.py"), os.path.join(out, "hf_encoder.py"))
+    tokenizer.save_hf(out, model_max_length=max_len)
+    tc_path = os.path.join(out, "tokenizer_config.json")
+    with open(tc_path) as f:
+        tc = json.load(f)
+    tc["padding_side"] = "right"  # mean/cls/last pooling are padding-side agnostic; right is the convention
+    write_json(tc_path, tc)
+    # sentence-transformers: transformer -> pooling -> (normalise)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out, "2_Normalize"), exist_ok=True)
+    write_json(os.path.join(out, "modules.json"), modules)
+    write_json(os.path.join(out, "sentence_bert_config.json"), {"max_seq_length": max_len, "do_lower_case": False})
+    os.makedirs(os.path.join(out, "1_Pooling"), exist_ok=True)
+    # the classic keys, which both old and new sentence-transformers read
+    keys = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
+    write_json(os.path.join(out, "1_Pooling", "config.json"),
+               {"word_embedding_dimension": cfg.hidden_size, **{k: p == pooling for p, k in keys.items()}})
+    write_json(os.path.join(out, "config_sentence_transformers.json"), {"similarity_fn_name": "cosine"})
+
+
+def replace_dir(tmp, out):
+    """Move the finished `tmp` directory to `out`, replacing an old one only once the new one is complete."""
+    old = None
+    if os.path.exists(out):
+        old = out + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------
+# verification: the three loaders agree
+
+def embed_three_ways(path, texts=VERIFY_TEXTS):
+    """{loader: float32 numpy [N, C]} for this project, transformers and sentence-transformers (all fp32)."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+    import eval_embed
+    out = {"project": eval_embed.Encoder.from_pretrained(path, batch_size=len(texts)).encode(texts)}
+    hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    hf_model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        batch = hf_tok(list(texts), padding=True, truncation=True, return_tensors="pt")
+        out["transformers"] = hf_model(**batch).pooler_output.float().numpy()
+    st = SentenceTransformer(path, device="cpu", trust_remote_code=True, model_kwargs={"dtype": torch.float32})
+    out["sentence-transformers"] = np.asarray(st.encode(list(texts), batch_size=len(texts)), dtype=np.float32)
+    return out
+
+
+def verify(path, tol=1e-5):
+    """Max |difference| of each loader from this project's embeddings; raises if any exceeds tol."""
+    embs = embed_three_ways(path)
+    ref = embs["project"]
+    diffs = {k: float(abs(v - ref).max()) for k, v in embs.items() if k != "project"}
+    bad = {k: d for k, d in diffs.items() if not d <= tol}
+    if bad:
+        raise ValueError(f"{path}: loaders disagree with this project's embeddings: {bad} (tolerance {tol})")
+    return diffs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint dir, training out_dir, or Hugging Face Qwen3 dir")
+    p.add_argument("--out", required=True, help="the encoder directory to write")
+    p.add_argument("--pooling", default="mean", choices=POOLINGS)
+    p.add_argument("--no_normalize", action="store_true", help="leave embeddings unnormalised")
+    p.add_argument("--average_last", type=int, default=1, help="average the last N checkpoints of an out_dir")
+    p.add_argument("--max_len", type=int, default=512, help="token limit the loaders truncate to")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (auto: the checkpoint's)")
+    p.add_argument("--verify", action="store_true", help="check the three loaders agree before finishing")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    args = p.parse_args(argv)
+    if args.average_last < 1:
+        fail(f"--average_last {args.average_last}: must be >= 1")
+    if os.path.exists(args.out) and not args.force:
+        fail(f"--out {args.out} exists; pass --force to replace it")
+    try:
+        paths = resolve_checkpoints(args.ckpt, args.average_last)
+        print("reading " + ", ".join(paths))
+        cfg, tensors = average_checkpoints(paths)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    if args.dtype != "auto":
+        tensors = {k: v.to(getattr(torch, args.dtype)) for k, v in tensors.items()}
+    tmp = args.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_encoder_dir(tmp, cfg, tensors, args.pooling, not args.no_normalize, args.max_len, paths)
+        if args.verify:
+            diffs = verify(tmp)
+            print("verify: max |diff| from this project's embeddings " +
+                  ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    except (OSError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(str(e))
+    replace_dir(tmp, args.out)
+    n = sum(v.numel() for v in tensors.values())
+    print(f"wrote {args.out}: {cfg.num_encoder_layers} encoder layers, {n / 1e6:.1f}M parameters, "
+          f"pooling {args.pooling}{'' if args.no_normalize else ', normalised'}")
+
+
+if __name__ == "__main__":
+    main()
