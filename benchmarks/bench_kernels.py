@@ -1,0 +1,207 @@
+"""Per-kernel time and peak memory (torch eager vs torch.compile vs Triton) and the chunked
+cross-entropy against naive logits-then-cross-entropy, at Qwen3-0.6B shapes.
+
+    python benchmarks/bench_kernels.py                 # everything
+    python benchmarks/bench_kernels.py --only=ce       # cross-entropy only (done-when 2)
+    python benchmarks/bench_kernels.py --only=ops --compile=0
+
+Timing: CUDA events on GPU, wall clock (best of --repeats) on CPU. Peak memory: on GPU
+torch.cuda.max_memory_allocated above what was allocated before the call; on CPU the peak
+resident set size (VmHWM, reset through /proc/self/clear_refs) above the RSS before the
+call. The cross-entropy paths each run in a fresh subprocess, so one path's freed pages
+cannot hide the other's peak. Triton figures need CUDA (the interpreter is not a benchmark).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kernels  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------
+# measuring
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
+
+
+def measure(fn, repeats):
+    """Best time in ms and peak memory in MiB above the memory in use before the first call."""
+    if CUDA:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return min(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _rss_kb("VmRSS")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times), (_rss_kb("VmHWM") - base) / 1024
+
+
+# ---------------------------------------------------------------------------------------
+# per-kernel: forward + backward of each op
+
+def op_cases(tokens, dtype, device):
+    """(name, fn, make_inputs) at Qwen3-0.6B widths: hidden 1024, 16 heads x 128, MLP 3072."""
+    B, T = max(1, tokens // 2048), min(tokens, 2048)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+
+    def rotary_inputs():
+        ang = torch.randn(T, 128, device=device)
+        return (torch.randn(B, T, 16, 128, dtype=dtype, device=device).transpose(1, 2).requires_grad_(),
+                ang.cos().to(dtype), ang.sin().to(dtype))
+
+    return [
+        ("rms_norm [N,1024]", "rms_norm", lambda: (leaf(B * T, 1024), leaf(1024), 1e-6)),
+        ("rms_norm qk [N*16,128]", "rms_norm", lambda: (leaf(B * T * 16, 128), leaf(128), 1e-6)),
+        ("swiglu [N,3072]", "swiglu", lambda: (leaf(B * T, 3072), leaf(B * T, 3072))),
+        ("rotary [B,16,T,128]", "apply_rotary", rotary_inputs),
+    ]
+
+
+def fwd_bwd(fn, args):
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def run():
+        out = fn(*args)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return run
+
+
+def bench_ops(args):
+    device = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    print(f"\n== per-kernel forward+backward, {args.tokens} tokens, {dtype}, {device} ==")
+    if not CUDA:
+        print("(CPU: eager and torch.compile only; Triton needs CUDA. Peak = RSS high-water mark.)")
+    print(f"{'op':26s} {'impl':9s} {'ms':>9s} {'peak MiB':>9s}")
+    for label, name, make in op_cases(args.tokens, dtype, device):
+        ref = getattr(kernels, name + "_ref")
+        impls = [("eager", ref)]
+        if args.compile:
+            impls.append(("compile", torch.compile(ref)))
+        if CUDA and kernels.triton is not None:
+            impls.append(("triton", getattr(kernels, name)))
+        for impl, fn in impls:
+            kernels.use_triton(impl == "triton")
+            inputs = make()
+            run = fwd_bwd(fn, inputs)
+            run()  # warm-up (and compilation)
+            ms, peak = measure(run, args.repeats)
+            print(f"{label:26s} {impl:9s} {ms:9.2f} {peak:9.1f}", flush=True)
+            del inputs, run
+    kernels.use_triton(False)
+
+
+# ---------------------------------------------------------------------------------------
+# cross-entropy: naive vs chunked, each path in its own process
+
+def ce_inputs(n, c, v, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.empty(n, c, dtype=dtype, device=device).normal_(generator=g).requires_grad_()
+    weight = torch.empty(v, c, dtype=dtype, device=device).normal_(0, 0.02, generator=g).requires_grad_()
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    labels[torch.rand(n, device=device, generator=g) < 0.1] = -100  # some padding
+    return hidden, weight, labels
+
+
+def ce_path(path, hidden, weight, labels):
+    def run():
+        hidden.grad = weight.grad = None
+        if path == "naive":
+            loss = F.cross_entropy(hidden @ weight.t(), labels)
+        else:
+            kernels.use_triton(path == "triton")
+            loss = kernels.linear_cross_entropy(hidden, weight, labels)
+        loss.backward()
+        run.loss = loss.item()
+    return run
+
+
+def ce_worker(path, n, c, v, repeats, grads_file):
+    device = "cuda" if CUDA else "cpu"
+    hidden, weight, labels = ce_inputs(n, c, v, torch.bfloat16 if CUDA else torch.float32, device)
+    run = ce_path(path, hidden, weight, labels)
+    ms, peak = measure(run, repeats)
+    torch.save({"hidden": hidden.grad, "weight": weight.grad}, grads_file)
+    print(json.dumps({"path": path, "ms": ms, "peak_mib": peak, "loss": run.loss}))
+
+
+def bench_ce(args):
+    n, c, v = args.ce_tokens, args.ce_hidden, args.ce_vocab
+    paths = ["naive", "chunked"] + (["triton"] if CUDA and kernels.triton is not None else [])
+    print(f"\n== linear cross-entropy fwd+bwd, {n} tokens x hidden {c} x vocab {v}, "
+          f"{'bf16 cuda' if CUDA else 'fp32 cpu'}, best of {args.repeats} ==", flush=True)
+    results, grads = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in paths:
+            grads_file = os.path.join(tmp, path + ".pt")
+            cmd = [sys.executable, os.path.abspath(__file__), f"--ce-worker={path}", f"--ce-tokens={n}",
+                   f"--ce-hidden={c}", f"--ce-vocab={v}", f"--repeats={args.repeats}", f"--grads-file={grads_file}"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"bench_kernels.py: the {path} cross-entropy worker failed:\n{out.stderr[-2000:]}")
+            results[path] = json.loads(out.stdout.strip().splitlines()[-1])
+            grads[path] = torch.load(grads_file)
+    naive = results["naive"]
+    print(f"{'path':8s} {'ms':>9s} {'peak MiB':>9s} {'time/naive':>10s} {'mem/naive':>9s} {'loss':>12s}"
+          f" {'max|dL/dh| err':>15s} {'max|dL/dW| err':>15s}")
+    for path, r in results.items():
+        errs = [((grads[path][k].float() - grads["naive"][k].float()).abs().max()
+                 / grads["naive"][k].float().abs().max()).item() for k in ("hidden", "weight")]
+        print(f"{path:8s} {r['ms']:9.0f} {r['peak_mib']:9.0f} {r['ms'] / naive['ms']:10.2f} "
+              f"{r['peak_mib'] / naive['peak_mib']:9.3f} {r['loss']:12.6f} {errs[0]:15.2e} {errs[1]:15.2e}")
+    print("(grad errors: max abs difference / max abs value of the naive gradient)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=["ops", "ce"], default=None)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens for the per-kernel shapes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", type=int, default=1, help="also time torch.compile of the references")
+    p.add_argument("--ce-tokens", type=int, default=4096)
+    p.add_argument("--ce-hidden", type=int, default=1024)
+    p.add_argument("--ce-vocab", type=int, default=152036)
+    p.add_argument("--ce-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--grads-file", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.ce_worker:
+        return ce_worker(args.ce_worker, args.ce_tokens, args.ce_hidden, args.ce_vocab, args.repeats, args.grads_file)
+    print(f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if CUDA else 'CPU'}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    if args.only in (None, "ops"):
+        bench_ops(args)
+    if args.only in (None, "ce"):
+        bench_ce(args)
+
+
+if __name__ == "__main__":
+    main()
