@@ -97,7 +97,7 @@ class Encoder:
         """list of str -> float32 numpy [N, C] in input order."""
         ids = self.tokenize(texts)
         ids = [x if x else [self.tokenizer.pad_id] for x in ids]  # an empty text still gets one state
-        out = None
+        out = np.zeros((0, 0), dtype=np.float32)
         batches = length_batches([len(x) for x in ids], batch_size or self.batch_size)
         for batch in tqdm(batches, desc=f"embed {self.name}", disable=not progress, leave=False):
             T = max(len(ids[i]) for i in batch)
@@ -111,7 +111,7 @@ class Encoder:
             if self.normalize:
                 e = torch.nn.functional.normalize(e, dim=-1)
             e = e.cpu().numpy()
-            if out is None:
+            if not out.size:
                 out = np.zeros((len(ids), e.shape[1]), dtype=np.float32)
             out[batch] = e
         return out
