@@ -268,6 +268,7 @@ for fn, sig, const in cases:
 """
 
 
+@pytest.mark.slow  # about 10 s: the real compiler for six kernels
 @pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
 def test_kernels_compile_for_sm90():
     """Build each kernel for an H100 (sm_90) with bf16 pointers: Triton's real front end and
@@ -281,3 +282,52 @@ def test_kernels_compile_for_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the current default, named to silence Triton 3.9's warning
     out = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------
+# the model with the kernels on and off (done-when 3)
+
+def model_loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(**batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("preset", ["tiny", "tiny_encdec"])
+def test_model_same_loss_and_grads_with_triton(interpreted, monkeypatch, preset):
+    from model import EncoderDecoder, Qwen3
+    from model_config import get_preset
+    launched = set()
+    jit = kernels._kernel
+    monkeypatch.setattr(kernels, "_kernel", lambda fn: launched.add(fn.__name__) or jit(fn))
+    torch.manual_seed(0)
+    # one layer per stack: the interpreter pays about 0.2 s per launch
+    cfg = get_preset(preset, num_layers=1, num_encoder_layers=1 if preset == "tiny_encdec" else 0)
+    g = torch.Generator().manual_seed(1)
+    B, S, T = 2, 10, 8
+    labels = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    labels[1, 5:] = -100
+    if cfg.num_encoder_layers:
+        model = EncoderDecoder(cfg)
+        enc_mask = torch.ones(B, S, dtype=torch.bool)
+        enc_mask[1, 7:] = False  # padding in the encoder input
+        batch = dict(enc_ids=torch.randint(0, cfg.vocab_size, (B, S), generator=g), enc_mask=enc_mask,
+                     dec_ids=torch.randint(0, cfg.vocab_size, (B, T), generator=g), labels=labels)
+    else:
+        model = Qwen3(cfg)
+        batch = dict(idx=torch.randint(0, cfg.vocab_size, (B, T), generator=g), labels=labels)
+    with torch.no_grad():  # norm weights away from 1, so a wrong weight gradient shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    loss_on, grads_on = model_loss_and_grads(model, batch)
+    assert launched == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
+                        "_rotary_kernel", "_ce_grad_kernel"}
+    kernels.use_triton(False)
+    loss_off, grads_off = model_loss_and_grads(model, batch)
+    close(loss_on, loss_off, torch.float32)
+    assert grads_on.keys() == grads_off.keys() and len(grads_on) == len(list(model.parameters()))
+    for name in grads_off:
+        close(grads_on[name], grads_off[name], torch.float32)
