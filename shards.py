@@ -291,7 +291,7 @@ def prepare(out_dir, splits, tokenizer, tokens_per_shard, source, command=None,
 
 def check_inputs(paths):
     for path in paths:
-        if not os.path.isfile(path):
+        if not os.path.exists(path) or os.path.isdir(path):
             raise ShardError(f"{path}: no such file")
 
 

@@ -66,6 +66,8 @@ def main():
             raise ShardError(f"--val_every must be at least 2, got {args.val_every}")
         if args.workers < 1 or (args.max_docs is not None and args.max_docs < 1):
             raise ShardError("--workers and --max_docs must be positive")
+        if args.input:
+            check_inputs(args.input)
         os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))  # a Hugging Face tokenizer's pool
         try:
             tokenizer = load_tokenizer(args.tokenizer)
@@ -73,7 +75,6 @@ def main():
             raise ShardError(str(e)) from None
         tokenizer.num_threads = args.workers
         if args.input:
-            check_inputs(args.input)
             splits = local_splits(args.input, args.val_every, args.max_docs)
             source = input_source(args.input, val_every=args.val_every, max_docs=args.max_docs)
         else:
