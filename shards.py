@@ -153,15 +153,13 @@ class ShardDataset:
 # writing
 
 def tokenize_documents(tokenizer, docs):
-    """uint32 ids of each document followed by <|endoftext|>; the prepare path's tokenization.
-    Special-token strings inside documents stay text (allow_special=False)."""
-    out = []
-    for ids in tokenizer.encode_batch(docs, allow_special=False):
-        arr = np.empty(len(ids) + 1, dtype=TOKEN)
-        arr[:-1] = ids
-        arr[-1] = tokenizer.eos_id
-        out.append(arr)
-    return out
+    """The prepare path's tokenization: one uint32 array of every document's ids, each followed
+    by <|endoftext|> (special-token strings inside documents stay text), and the end offset of
+    each document in it."""
+    flat = tokenizer.encode_documents(docs)
+    ends = np.flatnonzero(flat == tokenizer.eos_id) + 1
+    assert len(ends) == len(docs), "a document's text encoded to <|endoftext|>"
+    return flat, ends
 
 
 def _batches(docs, max_chars, max_docs):
@@ -235,19 +233,19 @@ def _write_split(out_dir, meta, split, docs_from, tokenizer, batch_chars, batch_
         bar.write(f"{split}: resuming after {len(state['shards'])} shards, at document {skip_docs:,}")
     t0, new_tokens, doc_index = time.time(), 0, skip_docs
     for batch in _batches(docs_from(skip_docs), batch_chars, batch_docs):
-        arrays = iter(tokenize_documents(tokenizer, [d for d in batch if d]))
-        for doc in batch:
-            if doc:
-                arr = next(arrays)
-                off = skip_tokens if doc_index == skip_docs else 0
-                new_tokens += len(arr) - off
-                while off < len(arr):
-                    n = min(per_shard - fill, len(arr) - off)
-                    buf[fill:fill + n] = arr[off:off + n]
-                    fill, off = fill + n, off + n
-                    if fill == per_shard:
-                        flush(*((doc_index, off) if off < len(arr) else (doc_index + 1, 0)))
-            doc_index += 1
+        index = [doc_index + i for i, d in enumerate(batch) if d]  # empty documents hold no tokens
+        flat, ends = tokenize_documents(tokenizer, [d for d in batch if d])
+        pos = skip_tokens if doc_index == skip_docs else 0  # the resumed document's written part
+        new_tokens += len(flat) - pos
+        while pos < len(flat):
+            n = min(per_shard - fill, len(flat) - pos)
+            buf[fill:fill + n] = flat[pos:pos + n]
+            fill, pos = fill + n, pos + n
+            if fill == per_shard:
+                j = int(np.searchsorted(ends, pos))  # the document holding the shard's last token
+                start = ends[j - 1] if j else 0
+                flush(*((index[j] + 1, 0) if pos == ends[j] else (index[j], int(pos - start))))
+        doc_index += len(batch)
         bar.update(len(batch))
         rate = new_tokens / max(time.time() - t0, 1e-9)
         bar.set_postfix_str(f"{done_tokens + new_tokens:,} tokens, {rate:,.0f} tok/s")

@@ -22,10 +22,9 @@ class CharTokenizer:
     def __init__(self):
         self.seen = []
 
-    def encode_batch(self, texts, allow_special=True):
-        assert not allow_special  # the prepare path must not parse special-token strings
+    def encode_documents(self, texts):
         self.seen += texts
-        return [[ord(c) for c in t] for t in texts]
+        return np.array([i for t in texts for i in [*map(ord, t), EOS]], dtype=np.uint32)
 
 
 DOCS = {"train": [f"doc {i}: " + "abcdefg"[: i % 7] * (i % 5) for i in range(40)] + [""] + ["tail"],

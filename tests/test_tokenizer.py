@@ -145,6 +145,18 @@ def test_special_strings_plain_when_not_allowed(tok):
     assert tok.decode(ids) == text
 
 
+def test_encode_documents_equals_one_by_one(tok):
+    # the prepare path joins documents with <|endoftext|> for speed; it must equal encoding each alone
+    docs = MIXED[2:] + ["quotes <|endoftext|> literally", "  ", "ends in spaces   ", "\n\n", "<|im_end|>x"] * 9
+    want = [i for d in docs for i in tok.encode(d, allow_special=False) + [T.EOS_ID]]
+    tok.num_threads = 3  # several chunks
+    try:
+        assert tok.encode_documents(docs).tolist() == want
+    finally:
+        tok.num_threads = os.cpu_count() or 1
+    assert tok.encode_documents(docs[:1]).dtype == "uint32"
+
+
 def test_sentinels_and_mode_tokens(tok):
     text = "The <extra_id_0> sat on <extra_id_99>.<|ul2_R|><|ul2_X|><|ul2_S|>"
     ids = tok.encode(text)
@@ -191,6 +203,7 @@ def test_save_hf_autotokenizer_same_ids(tok, hf_dir):
     assert again.encode_batch(texts) == tok.encode_batch(texts)
     assert again.encode(texts[-1], allow_special=False) == tok.encode(texts[-1], allow_special=False)
     assert again.fingerprint == tok.fingerprint
+    assert again.encode_documents(texts).tolist() == tok.encode_documents(texts).tolist()
     assert again.decode([9707, 151700, 151937]) == tok.decode([9707, 151700, 151937])
 
 
