@@ -17,9 +17,9 @@ IGNORE_INDEX = -100
 #
 # Special-token strings in text: encode() and encode_batch() turn every added-token string
 # (Qwen3's 26 specials, the mode tokens, the sentinels) into its id, as Hugging Face
-# tokenizers do, so a prompt "a <extra_id_0> b" carries the sentinel id. The data
-# preparation path calls encode_batch(..., allow_special=False) instead: there a web page
-# that quotes "<|endoftext|>" stays text and cannot fake a document boundary or a sentinel.
+# tokenizers do, so a prompt "a <extra_id_0> b" carries the sentinel id. Data preparation
+# (encode_documents, or encode_batch(..., allow_special=False)) keeps them as text: a web
+# page that quotes "<|endoftext|>" cannot fake a document boundary or a sentinel.
 # Text is NFC-normalised first (Qwen3's normaliser); decode(encode(x)) == NFC(x).
 # Sentinels ascend with their number: <extra_id_0> is 151936 (T5 counts down; we do not).
 import base64

@@ -115,8 +115,6 @@ def test_parity_tiny_shakespeare(tok, ref):
     ids = tok.encode(text)
     assert ids == ref.encode(text).ids
     assert tok.decode(ids) == text
-    paragraphs = text.split("\n\n")
-    assert tok.encode_batch(paragraphs, allow_special=False) == [e.ids for e in ref.encode_batch(paragraphs)]
 
 
 @need_shared
@@ -172,11 +170,10 @@ def test_sentinels_and_mode_tokens(tok):
 
 
 def test_fingerprint_tracks_ranks(tok):
-    ranks = dict(tok.ranks)
-    a, b = b"Hello", b" world"
-    ranks[a], ranks[b] = ranks[b], ranks[a]
-    assert T.Qwen3Tokenizer(ranks=ranks).fingerprint != tok.fingerprint
-    assert T.Qwen3Tokenizer().fingerprint == tok.fingerprint
+    tokens = tok._bpe_tokens()
+    assert T._fingerprint(tokens, T.PRETOKENIZE_REGEX) == tok.fingerprint
+    tokens[9707], tokens[1879] = tokens[1879], tokens[9707]
+    assert T._fingerprint(tokens, T.PRETOKENIZE_REGEX) != tok.fingerprint
 
 
 @need_shared
@@ -208,9 +205,9 @@ def test_save_hf_autotokenizer_same_ids(tok, hf_dir):
 
 
 @need_shared
-def test_load_plain_qwen3_hf_dir_adds_sentinels(tok, tmp_path):
+def test_load_plain_qwen3_hf_dir_adds_sentinels(tok, ref, tmp_path):
     # a Qwen3 tokenizer directory as Hugging Face ships it: BPE + the 26 added tokens only
-    reference_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    ref.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     hf = T.load_tokenizer(str(tmp_path))
     texts = MIXED + ["a <extra_id_5> b <|ul2_R|>"]
