@@ -3,9 +3,10 @@
     python benchmarks/bench_tokenizer.py [--text FILE] [--repeat 4] [--trials 3]
 
 Ours: shards.tokenize_documents (NFC, documents joined by <|endoftext|> and encoded in
-chunks by tiktoken on a thread pool, one uint32 array), exactly what prepare.py runs. Reference: a `tokenizers` byte-level BPE with the
-same normaliser, pre-tokenizer and vocabulary (the shared vocab.json + merges.txt when present,
-else our save_hf output), Tokenizer.encode_batch over the same documents; both use every core.
+chunks by tiktoken on a thread pool, one uint32 array), exactly what prepare.py runs.
+Reference: a `tokenizers` byte-level BPE with the same normaliser, pre-tokenizer and
+vocabulary (the shared vocab.json + merges.txt when present, else our save_hf output),
+Tokenizer.encode_batch over the same documents; both use every core.
 The ids must be identical. Documents: Tiny Shakespeare paragraphs, repeated --repeat times.
 """
 import argparse

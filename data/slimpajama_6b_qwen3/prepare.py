@@ -55,8 +55,8 @@ def main():
     parser.add_argument("--max_docs", type=int, default=None, help="at most this many documents per split")
     parser.add_argument("--tokens_per_shard", type=int, default=100_000_000, help="tokens per .bin file (4 bytes each)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer threads")
-    parser.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer dir or hub name "
-                        "(default: the offline tiktoken Qwen3 tokenizer)")
+    parser.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer dir or hub name to use "
+                        "instead of the offline tiktoken Qwen3 tokenizer (same ids)")
     parser.add_argument("--dataset", default="DKYoon/SlimPajama-6B", help="hub dataset")
     parser.add_argument("--train_split", default="train", help="hub split used for train")
     parser.add_argument("--val_split", default="validation", help="hub split used for val")
