@@ -106,11 +106,17 @@ def is_sentinel(t):
 
 def encode_prompt(tok, text, what="prompt"):
     """Text with <extra_id_N> markers -> ids. Sentinels are cut out here, so the BPE never sees them
-    and an out-of-range or repeated one is caught with a clear message."""
+    and an out-of-range or repeated one is caught with a clear message.
+
+    One space right before a sentinel is dropped: the byte-level BPE puts a word's space in front of
+    it, so in training "The cat sat" masked at " cat" reads "The<extra_id_0> sat" and the model writes
+    the span as " cat". "The <extra_id_0> sat" thus means what a reader expects."""
     parts = SENTINEL_TEXT.split(text)
     ids, seen = [], set()
     for i, part in enumerate(parts):
         if i % 2 == 0:
+            if i + 1 < len(parts) and part.endswith(" "):
+                part = part[:-1]
             ids += tok.encode(part) if part else []
             continue
         n = int(part)

@@ -15,6 +15,7 @@ from sample import encode_prompt, fill_spans, generate, main, pad_batch, resolve
 from tokenizer import (DECODER_START_ID, EOS_ID, IGNORE_INDEX, MODE_IDS, PAD_ID, SENTINEL_START, VOCAB_SIZE)
 
 DIGIT0 = 15  # Qwen's BPE gives every digit its own token: "0" -> 15 ... "9" -> 24
+SPACE = 220  # and a space before a digit a token of its own
 SENT = [SENTINEL_START + i for i in range(3)]
 
 
@@ -22,11 +23,21 @@ class DigitTokenizer:
     """Stand-in for the project tokenizer on digit strings, with Qwen's digit ids."""
 
     def encode(self, text):
-        return [DIGIT0 + int(c) for c in text]
+        return [SPACE if c == " " else DIGIT0 + int(c) for c in text]
 
     def decode(self, ids):
-        return "".join(str(t - DIGIT0) if DIGIT0 <= t < DIGIT0 + 10 else
+        return "".join(str(t - DIGIT0) if DIGIT0 <= t < DIGIT0 + 10 else " " if t == SPACE else
                        f"<extra_id_{t - SENTINEL_START}>" if t >= SENTINEL_START else f"<{t}>" for t in ids)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Generation and training here are thousands of tiny ops: on a shared 2-core machine a second
+    thread only adds synchronisation (3-10x slower), so this module runs on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_model(seed=0, **overrides):
@@ -112,6 +123,8 @@ def test_encode_prompt_cuts_sentinels_and_rejects_bad_ones():
     tok = DigitTokenizer()
     assert encode_prompt(tok, "12<extra_id_0>3<extra_id_7>") == [16, 17, SENTINEL_START, 18, SENTINEL_START + 7]
     assert encode_prompt(tok, "<extra_id_99>") == [SENTINEL_START + 99]
+    # the space before a sentinel goes (the span brings its own), the one after it stays
+    assert encode_prompt(tok, "1  <extra_id_0> 2") == [16, SPACE, SENTINEL_START, SPACE, 17]
     with pytest.raises(ValueError, match=r"<extra_id_100> is out of range"):
         encode_prompt(tok, "1<extra_id_100>")
     with pytest.raises(ValueError, match="appears twice"):
@@ -180,33 +193,27 @@ def expand_vocab(small):
 @pytest.fixture(scope="module")
 def trained():
     """Trained with the model's own loss in a 17-token vocabulary (the 152K-row LM head would cost
-    ~100x more per step on CPU), then mapped back to the real ids. One thread: these ops are so small
-    that a second thread only adds synchronisation (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    ~100x more per step on CPU), then mapped back to the real ids."""
     torch.manual_seed(0)
     to_small = {t: i for i, t in enumerate(REAL_IDS)}
     model = EncoderDecoder(get_preset("tiny_encdec", vocab_size=len(REAL_IDS)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0)
     rng = random.Random(0)
-    steps = 500
-    try:
-        with torch.enable_grad():
-            for step in range(steps):
-                for group in opt.param_groups:  # warm up, hold, then decay linearly over the second half
-                    group["lr"] = 3e-3 * min((step + 1) / 20, 1.0, 2 * (steps - step) / steps)
-                batch = [random_example(rng) for _ in range(16)]
-                enc_ids, enc_mask = pad_batch([[to_small[t] for t in e] for e, _ in batch], pad_id=to_small[PAD_ID])
-                width = max(len(t) for _, t in batch)
-                labels = torch.tensor([[to_small[x] for x in t] + [IGNORE_INDEX] * (width - len(t)) for _, t in batch])
-                dec_ids = torch.cat([torch.full((len(batch), 1), to_small[DECODER_START_ID]), labels[:, :-1]], 1)
-                dec_ids[dec_ids == IGNORE_INDEX] = to_small[PAD_ID]
-                _, loss = model(enc_ids, enc_mask, dec_ids, labels=labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    steps = 400
+    with torch.enable_grad():
+        for step in range(steps):
+            for group in opt.param_groups:  # warm up, hold, then decay linearly over the second half
+                group["lr"] = 3e-3 * min((step + 1) / 20, 1.0, 2 * (steps - step) / steps)
+            batch = [random_example(rng) for _ in range(16)]
+            enc_ids, enc_mask = pad_batch([[to_small[t] for t in e] for e, _ in batch], pad_id=to_small[PAD_ID])
+            width = max(len(t) for _, t in batch)
+            labels = torch.tensor([[to_small[x] for x in t] + [IGNORE_INDEX] * (width - len(t)) for _, t in batch])
+            dec_ids = torch.cat([torch.full((len(batch), 1), to_small[DECODER_START_ID]), labels[:, :-1]], 1)
+            dec_ids[dec_ids == IGNORE_INDEX] = to_small[PAD_ID]
+            _, loss = model(enc_ids, enc_mask, dec_ids, labels=labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return expand_vocab(model.eval()), loss.item()
 
 
@@ -249,7 +256,7 @@ def use_tokenizer(monkeypatch, which):
         tok = load_tokenizer()
     except ImportError:
         pytest.skip("tokenizer.load_tokenizer is not there yet")
-    assert tok.encode("0123456789") == list(range(DIGIT0, DIGIT0 + 10))  # the ids the corpus was trained on
+    assert tok.encode("0123456789 2") == list(range(DIGIT0, DIGIT0 + 10)) + [SPACE, 17]  # the trained ids
 
 
 @pytest.mark.parametrize("which", ["digits", "project"])
