@@ -57,20 +57,19 @@ def apply_rotary_ref(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def _ce_grad_torch(logits, labels, ignore_index, scale):
-    """In place: fp32 logits [n, V] -> scale * (softmax - onehot), zero on ignored rows.
-    Returns the summed loss of the chunk. Every step reuses the one buffer: no [n, V] temporaries."""
+def _ce_grad_torch(logits, labels, ignore_index):
+    """In place: fp32 logits [n, V] -> softmax - onehot(label), zero on rows whose label is ignored.
+    Returns the summed loss of the chunk. No [n, V] temporary: log_softmax writes over its own
+    input, which is safe because each row is read (max, sum) before it is written."""
     ok = labels != ignore_index
     y = torch.where(ok, labels, 0)
     rows = torch.arange(len(y), device=logits.device)
-    target = logits[rows, y]
-    top = logits.amax(1, keepdim=True)
-    logits.sub_(top).exp_()
-    total = logits.sum(1, keepdim=True)
-    loss = torch.where(ok, (top + total.log()).squeeze(1) - target, 0.0).sum()
-    row_scale = ok.float() * scale
-    logits.mul_(row_scale[:, None] / total)
-    logits.index_put_((rows, y), -row_scale, accumulate=True)
+    torch.ops.aten._log_softmax.out(logits, 1, False, out=logits)
+    loss = -torch.where(ok, logits[rows, y], 0.0).sum()
+    logits.exp_()
+    logits.index_put_((rows, y), torch.full_like(y, -1, dtype=logits.dtype), accumulate=True)
+    if not bool(ok.all()):
+        logits[~ok] = 0.0
     return loss
 
 
@@ -100,39 +99,50 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buf = torch.empty(min(chunk_size, n), vocab, device=hidden.device,
                           dtype=hidden.dtype if fused else torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_weight = None  # fp32, written by the first chunk's matmul (no zero fill)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i, start in enumerate(range(0, n, chunk_size)):
-            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+            end = min(start + chunk_size, n)
+            h, y = hidden[start:end], labels[start:end]
             if counts[i] == 0:  # every label ignored: no loss, no gradient, no matmul
                 if need_h:
-                    grad_hidden[start:start + len(h)].zero_()
+                    grad_hidden[start:end].zero_()
                 continue
-            logits = buf[:len(h)]
+            logits = buf[:end - start]
             if logits.dtype == h.dtype:
                 torch.mm(h, weight.t(), out=logits)
             else:
                 logits.copy_(h @ weight.t())
-            loss += (_ce_grad_triton if fused else _ce_grad_torch)(logits, y, ignore_index, scale)
+            loss += (_ce_grad_triton if fused else _ce_grad_torch)(logits, y, ignore_index)
             grad = logits.to(hidden.dtype)  # a no-op unless the torch path runs in half precision
             if need_h:
-                torch.mm(grad, weight, out=grad_hidden[start:start + len(h)])
+                torch.mm(grad, weight, out=grad_hidden[start:end])
             if need_w:
-                if grad_weight.dtype == grad.dtype:
+                if grad_weight is None:
+                    grad_weight = (grad.t() @ h).float()
+                elif grad_weight.dtype == grad.dtype:
                     grad_weight.addmm_(grad.t(), h)
                 else:  # half-precision weights still accumulate their gradient in fp32
                     grad_weight += grad.t() @ h
-        ctx.grad_hidden = grad_hidden
-        ctx.grad_weight = grad_weight.to(weight.dtype) if need_w else None
+        # the mean's 1/n_valid, applied once to each gradient (in fp32 for the weight's)
+        if need_h:
+            grad_hidden.mul_(scale)
+        if need_w:
+            grad_weight = torch.zeros(weight.shape, device=weight.device) if grad_weight is None else grad_weight
+            grad_weight = grad_weight.mul_(scale).to(weight.dtype)
+        ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
         return loss * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         del ctx.grad_hidden, ctx.grad_weight
-        for g in (grad_hidden, grad_weight):
-            if g is not None:
-                g.mul_(grad_loss.to(g.dtype))
+        # the loss is usually the root (grad 1): skip a pass over the [V, C] gradient then (a free
+        # check on CPU; on GPU the multiply costs less than a host sync)
+        if grad_loss.is_cuda or grad_loss.item() != 1.0:
+            for g in (grad_hidden, grad_weight):
+                if g is not None:
+                    g.mul_(grad_loss.to(g.dtype))
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -316,11 +326,11 @@ class _Rotary(torch.autograd.Function):
         return _rotary_launch(dy, cos, sin, ctx.x_dtype, backward=True), None, None
 
 
-def _ce_grad_triton(logits, labels, ignore_index, scale):
+def _ce_grad_triton(logits, labels, ignore_index):
     n, vocab = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     block = min(triton.next_power_of_2(vocab), _block_elems())
-    _kernel(_ce_grad_kernel)[(n,)](logits, labels, loss, logits.stride(0), vocab, ignore_index, scale,
+    _kernel(_ce_grad_kernel)[(n,)](logits, labels, loss, logits.stride(0), vocab, ignore_index,
                                    BLOCK_V=block, num_warps=_warps(block))
     return loss.sum()
 
@@ -410,9 +420,9 @@ if triton is not None:
         tl.store(yp, y1.to(Y.dtype.element_ty), mask=mask)
         tl.store(yp + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
-    def _ce_grad_kernel(LOGITS, LABELS, LOSS, stride_row, V, ignore_index, scale, BLOCK_V: tl.constexpr):
+    def _ce_grad_kernel(LOGITS, LABELS, LOSS, stride_row, V, ignore_index, BLOCK_V: tl.constexpr):
         # one row: online logsumexp over the vocabulary, then overwrite the logits with
-        # scale * (softmax - onehot), or zeros when the label is ignored
+        # softmax - onehot, or zeros when the label is ignored
         row = tl.program_id(0).to(tl.int64)
         ptr = LOGITS + row * stride_row
         y = tl.load(LABELS + row)
@@ -429,10 +439,9 @@ if triton is not None:
         y_safe = tl.where(valid, y, 0)
         target = tl.load(ptr + y_safe).to(tl.float32)
         tl.store(LOSS + row, tl.where(valid, lse - target, 0.0))
-        row_scale = tl.where(valid, scale, 0.0)
+        keep = tl.where(valid, 1.0, 0.0)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             x = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) * row_scale
-            g = tl.where(cols == y_safe, g - row_scale, g)
-            tl.store(ptr + cols, g.to(LOGITS.dtype.element_ty), mask=cols < V)
+            g = tl.exp(x - lse) - tl.where(cols == y_safe, 1.0, 0.0)
+            tl.store(ptr + cols, (g * keep).to(LOGITS.dtype.element_ty), mask=cols < V)

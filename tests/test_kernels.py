@@ -260,7 +260,7 @@ cases = [
     (kernels._rotary_kernel, dict(X=p, COS=p, SIN=p, Y=p, H=i, T=i, HALF=i, sxb=i, sxh=i, sxt=i, scb=i,
                                   sct=i, syb=i, syh=i, syt=i), dict(BACKWARD=True, BLOCK_T=32, BLOCK_D=64)),
     (kernels._ce_grad_kernel, dict(LOGITS=p, LABELS="*i64", LOSS="*fp32", stride_row=i, V=i,
-                                   ignore_index=i, scale="fp32"), dict(BLOCK_V=4096)),
+                                   ignore_index=i), dict(BLOCK_V=4096)),
 ]
 for fn, sig, const in cases:
     src = ASTSource(fn=triton.jit(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
