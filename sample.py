@@ -257,20 +257,20 @@ def main(argv=None):
     try:
         model, tok, prompts, path = prepare(args)
     except (ValueError, OSError) as e:  # OSError: unreadable files
-        sys.exit(f"sample.py: {e}")
+        sys.exit("sample.py: " + str(e).replace("\n", " "))
     print(f"# {path} on {args.device}, mode {args.mode}", file=sys.stderr)
     mode_id = MODE_IDS[args.mode]
-    rows = [(i, ids) for i, ids in enumerate(prompts) for _ in range(args.num_samples)]
+    rows = [ids for ids in prompts for _ in range(args.num_samples)]
     generator = torch.Generator().manual_seed(args.seed)
     batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     results = []
     for batch in tqdm(batches, desc="sampling", disable=len(batches) < 2, file=sys.stderr):
-        enc_ids, enc_mask = pad_batch([[mode_id] + ids for _, ids in batch])
+        enc_ids, enc_mask = pad_batch([[mode_id] + ids for ids in batch])
         targets = generate(model, enc_ids.to(args.device), enc_mask.to(args.device), args.max_new_tokens,
                            args.temperature, args.top_k, args.top_p, generator)
-        results += [(ids, target) for (_, ids), target in zip(batch, targets)]
+        results += zip(batch, targets)
     for n, (ids, target) in enumerate(results):
-        if n and len(results) > 1:
+        if n:
             print("-" * 40)
         shown = fill_spans(ids, target) if args.mode != "S" else ids + target
         print(tok.decode(shown))

@@ -73,7 +73,8 @@ def main():
         times[True].append(dt_cached)
         times[False].append(dt_naive)
     n = args.new_tokens * args.batch_size
-    print(f"{args.preset} (hidden {cfg.hidden_size}, {cfg.num_encoder_layers}+{cfg.num_layers} layers), prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, batch {args.batch_size}, "
+    print(f"{args.preset} (hidden {cfg.hidden_size}, {cfg.num_encoder_layers}+{cfg.num_layers} layers), "
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, batch {args.batch_size}, "
           f"{args.device}, {torch.get_num_threads()} threads")
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     for use_cache, name in ((True, "with cache"), (False, "without cache (naive)")):

@@ -12,7 +12,7 @@ import tokenizer
 from model import EncoderDecoder
 from model_config import get_preset
 from sample import encode_prompt, fill_spans, generate, main, pad_batch, resolve_ckpt, sample_next, split_spans
-from tokenizer import (DECODER_START_ID, EOS_ID, IGNORE_INDEX, MODE_IDS, PAD_ID, SENTINEL_START, VOCAB_SIZE)
+from tokenizer import DECODER_START_ID, EOS_ID, IGNORE_INDEX, MODE_IDS, PAD_ID, SENTINEL_START, VOCAB_SIZE
 
 DIGIT0 = 15  # Qwen's BPE gives every digit its own token: "0" -> 15 ... "9" -> 24
 SPACE = 220  # and a space before a digit a token of its own
