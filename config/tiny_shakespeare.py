@@ -9,7 +9,7 @@ data_dir = "data/shakespeare_qwen3"
 model_preset = "tiny_encdec"       # 2 + 2 layers
 model_overrides = {"hidden_size": 128, "intermediate_size": 384, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32}
 
-batch_size = 8
+batch_size = 4
 enc_len = 64
 dec_len = 64
 
