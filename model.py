@@ -8,6 +8,7 @@ input and LM head.
 """
 import json
 import os
+import sys
 from dataclasses import replace
 
 import torch
@@ -174,7 +175,6 @@ class Qwen3(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(_load_qwen3_tensors(hf_dir, cfg, dtype), strict=True, assign=True)
-        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)  # its buffers are derived, not stored
         return model
 
     def save_pretrained(self, out_dir):
@@ -264,9 +264,10 @@ class EncoderDecoder(nn.Module):
         src = ModelConfig.from_hf(hf_dir)
         if src.vocab_size != QWEN3_VOCAB_SIZE:
             print(f"note: {hf_dir} has vocab {src.vocab_size}, not Qwen3's {QWEN3_VOCAB_SIZE}; "
-                  f"sentinels go at ids {src.vocab_size}.. and the project tokenizer will not match")
+                  f"sentinels go at ids {src.vocab_size}.. and the project tokenizer will not match", file=sys.stderr)
         if not src.tie_embeddings:
-            print(f"note: {hf_dir} has an untied LM head; the encoder-decoder ties its head to the input embedding")
+            print(f"note: {hf_dir} has an untied LM head; the encoder-decoder ties its head to the input embedding",
+                  file=sys.stderr)
         cfg = replace(src, vocab_size=src.vocab_size + num_sentinels, num_encoder_layers=src.num_layers,
                       tie_embeddings=True)
         sd = _load_qwen3_tensors(hf_dir, src, dtype)
@@ -278,7 +279,6 @@ class EncoderDecoder(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(state, strict=True, assign=True)
-        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         return model
 
     def save_pretrained(self, out_dir):
@@ -298,7 +298,6 @@ class EncoderDecoder(nn.Module):
             model = cls(cfg)
         sd = {k: v.to(dtype) for k, v in read_safetensors_dir(path).items()}
         model.load_state_dict(sd, strict=True, assign=True)
-        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         return model
 
 

