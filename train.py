@@ -528,7 +528,7 @@ def main(argv):
     log_file, wandb = None, None
     if rank == 0:
         os.makedirs(c.out_dir, exist_ok=True)
-        log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a")
+        log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a" if c.init_from == "resume" else "w")
         if c.wandb_log:
             try:
                 import wandb
@@ -537,7 +537,7 @@ def main(argv):
                 print("warning: wandb_log=True but wandb is not installed; logging to log.jsonl only")
         n = mcfg.num_params()
         print(f"model {n['total'] / 1e6:.1f}M params ({n['non_embedding'] / 1e6:.1f}M non-embedding), "
-              f"{world} process(es) {c.parallelism if world > 1 else ''} on {dev} {dtype_name}, global batch "
+              f"{world} process(es){' ' + c.parallelism if world > 1 else ''} on {dev} {dtype_name}, global batch "
               f"{global_batch} x (enc {c.enc_len} + dec {c.dec_len}), window {ul2.window_len}, from iter {iter0}")
 
     def log(record, line):

@@ -16,10 +16,10 @@ dec_len = 64
 learning_rate = 3e-3               # tiny model, few steps: a high peak
 min_lr = 3e-4
 warmup_iters = 10
-max_iters = 100
+max_iters = 80
 
-eval_interval = 50
-eval_iters = 4
+eval_interval = 40
+eval_iters = 8
 log_interval = 10
 ckpt_interval = 0                  # one checkpoint, at the end
 

@@ -296,7 +296,8 @@ def torchrun(args, nproc=2):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "zero1", "fsdp"])
 def test_two_processes_equal_one(tmp_path, data_dir, parallelism):
-    common = [*TINY, f"--data_dir={data_dir}", "--grad_accum=2", "--max_iters=5", "--eval_interval=5",
+    # two micro-steps per process, so gradient accumulation without sync is exercised too
+    common = [*TINY, f"--data_dir={data_dir}", "--grad_accum=4", "--max_iters=5", "--eval_interval=5",
               "--eval_iters=3"]
     run(*common, f"--out_dir={tmp_path / 'one'}")
     torchrun([*common, f"--out_dir={tmp_path / 'two'}", f"--parallelism={parallelism}"])
@@ -315,16 +316,18 @@ def test_two_processes_equal_one(tmp_path, data_dir, parallelism):
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_resumes_in_one_process_and_back(tmp_path, data_dir):
+@pytest.mark.parametrize("parallelism", ["fsdp", "zero1"])
+def test_sharded_checkpoint_resumes_in_one_process_and_back(tmp_path, data_dir, parallelism):
     common = [*TINY, f"--data_dir={data_dir}", "--grad_accum=2", "--lr_decay_iters=6", "--ckpt_interval=3"]
     run(*common, f"--out_dir={tmp_path / 'ref'}", "--max_iters=6")
     ref = losses(tmp_path / "ref")
-    # fsdp writes, one process resumes
-    torchrun([*common, f"--out_dir={tmp_path / 'a'}", "--parallelism=fsdp", "--max_iters=3"])
+    # two sharded processes write, one process resumes
+    torchrun([*common, f"--out_dir={tmp_path / 'a'}", f"--parallelism={parallelism}", "--max_iters=3"])
     run(*common, f"--out_dir={tmp_path / 'a'}", "--max_iters=6", "--init_from=resume")
-    # one process writes, fsdp resumes
+    # one process writes, two sharded processes resume
     run(*common, f"--out_dir={tmp_path / 'b'}", "--max_iters=3")
-    torchrun([*common, f"--out_dir={tmp_path / 'b'}", "--parallelism=fsdp", "--max_iters=6", "--init_from=resume"])
+    torchrun([*common, f"--out_dir={tmp_path / 'b'}", f"--parallelism={parallelism}", "--max_iters=6",
+              "--init_from=resume"])
     for out in ("a", "b"):
         got = losses(tmp_path / out)
         for i in range(1, 7):
