@@ -68,8 +68,7 @@ def _ce_grad_torch(logits, labels, ignore_index):
     loss = -torch.where(ok, logits[rows, y], 0.0).sum()
     logits.exp_()
     logits.index_put_((rows, y), torch.full_like(y, -1, dtype=logits.dtype), accumulate=True)
-    if not bool(ok.all()):
-        logits[~ok] = 0.0
+    logits.index_fill_(0, (~ok).nonzero().squeeze(1), 0.0)  # writes the ignored rows only
     return loss
 
 
