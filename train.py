@@ -29,6 +29,7 @@ import ul2 as ul2_lib
 from configurator import ConfigError, configure
 from model import EncoderDecoder
 from model_config import ModelConfig, get_preset
+from shards import ShardDataset
 from tokenizer import IGNORE_INDEX, NUM_SENTINELS
 
 _names_before_config = set(globals())
@@ -464,7 +465,6 @@ def main(argv):
     kernels.use_triton(c.use_triton)
 
     # everything that can fail on bad input fails here, before any weights load
-    from shards import ShardDataset
     try:
         check_out_dir(c)
         mcfg, source = model_shape(c)
