@@ -2,14 +2,16 @@
 
 Every op here has a plain torch version, which is both the reference the tests compare
 against and the fallback used on CPU. The Triton versions run only when switched on
-with `use_triton(True)` and the tensors live on CUDA (or TRITON_INTERPRET=1 is set).
-Under torch.compile the references run too: inductor fuses them itself.
+with `use_triton(True)` and the tensors live on CUDA (or TRITON_INTERPRET=1 is set, which
+Triton must see before its first import). Under torch.compile the references run too:
+inductor fuses them itself.
 
 Ops: rms_norm, swiglu, apply_rotary (each forward + backward) and linear_cross_entropy,
 which never holds the [N, V] logits: per chunk of tokens it computes the logits with a
-matmul, overwrites them in place with the loss gradient (softmax - onehot, scaled), and
-turns that into the hidden and weight gradients with two more matmuls, all in the
-forward pass (the loss is the last op of the graph, so backward only scales).
+matmul, overwrites them in place with d loss / d logits (softmax - onehot; a Triton kernel
+on GPU, torch ops on CPU), and turns that into the hidden and weight gradients with two
+more matmuls, all in the forward pass (the loss is the last op of the graph, so backward
+only scales).
 """
 import os
 

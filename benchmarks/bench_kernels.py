@@ -5,13 +5,17 @@ cross-entropy against naive logits-then-cross-entropy, at Qwen3-0.6B shapes.
     python benchmarks/bench_kernels.py --only=ce       # cross-entropy only (done-when 2)
     python benchmarks/bench_kernels.py --only=ops --compile=0
 
-Timing: CUDA events on GPU, wall clock (best of --repeats) on CPU. Peak memory: on GPU
-torch.cuda.max_memory_allocated above what was allocated before the call; on CPU the peak
-resident set size (VmHWM, reset through /proc/self/clear_refs) above the RSS before the
-call. The cross-entropy paths each run in a fresh subprocess, so one path's freed pages
-cannot hide the other's peak. Triton figures need CUDA (the interpreter is not a benchmark).
+Timing: CUDA events on GPU, wall clock on CPU; best of --repeats calls after a warm-up. Peak
+memory, from one more call: on GPU torch.cuda.max_memory_allocated above what was allocated
+before the call; on CPU the peak resident set size (VmHWM, reset through /proc/self/clear_refs)
+above the RSS before the call, with glibc told to mmap every allocation of 64 KiB or more for
+that call (so freed memory leaves the RSS at once and reused heap cannot hide a peak). The
+cross-entropy paths each run in a fresh subprocess, memory first, then --repeats timed calls.
+Triton figures need CUDA (the interpreter is not a benchmark).
 """
 import argparse
+import ctypes
+import gc
 import json
 import os
 import re
@@ -32,35 +36,54 @@ CUDA = torch.cuda.is_available()
 # ---------------------------------------------------------------------------------------
 # measuring
 
+LIBC = ctypes.CDLL("libc.so.6") if not CUDA else None
+M_MMAP_THRESHOLD = -3
+
+
 def _rss_kb(field):
     with open("/proc/self/status") as f:
         return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
 
 
-def measure(fn, repeats):
-    """Best time in ms and peak memory in MiB above the memory in use before the first call."""
+def peak_mib(fn):
+    """Peak memory of one call of fn, in MiB above the memory in use before it."""
     if CUDA:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # glibc keeps freed small blocks in its heap, where a later allocation reuses them unseen by
+    # the RSS: for this call every allocation of 64 KiB or more gets its own mmap, returned on free
+    gc.collect()
+    LIBC.mallopt(M_MMAP_THRESHOLD, 64 << 10)
+    LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _rss_kb("VmRSS")
+    fn()
+    peak = (_rss_kb("VmHWM") - base) / 1024
+    LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return peak
+
+
+def time_ms(fn, repeats):
+    """Best of `repeats` calls, in ms."""
+    times = []
+    for _ in range(repeats):
+        if CUDA:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        return min(times), (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    base = _rss_kb("VmRSS")
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times), (_rss_kb("VmHWM") - base) / 1024
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +137,7 @@ def bench_ops(args):
             inputs = make()
             run = fwd_bwd(fn, inputs)
             run()  # warm-up (and compilation)
-            ms, peak = measure(run, args.repeats)
+            ms, peak = time_ms(run, args.repeats), peak_mib(run)
             print(f"{label:26s} {impl:9s} {ms:9.2f} {peak:9.1f}", flush=True)
             del inputs, run
     kernels.use_triton(False)
@@ -149,7 +172,8 @@ def ce_worker(path, n, c, v, repeats, grads_file):
     device = "cuda" if CUDA else "cpu"
     hidden, weight, labels = ce_inputs(n, c, v, torch.bfloat16 if CUDA else torch.float32, device)
     run = ce_path(path, hidden, weight, labels)
-    ms, peak = measure(run, repeats)
+    peak = peak_mib(run)  # the first call: nothing of an earlier call is left to reuse
+    ms = time_ms(run, repeats)
     torch.save({"hidden": hidden.grad, "weight": weight.grad}, grads_file)
     print(json.dumps({"path": path, "ms": ms, "peak_mib": peak, "loss": run.loss}))
 
