@@ -146,6 +146,9 @@ class Qwen3(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.apply(_init_weights)
 
+    def set_activation_checkpointing(self, flag=True):
+        self.decoder.activation_checkpointing = flag
+
     @property
     def head_weight(self):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -27,15 +27,17 @@ import torch.distributed as dist
 import kernels
 import ul2 as ul2_lib
 from configurator import ConfigError, configure
-from model import EncoderDecoder
+from model import EncoderDecoder, Qwen3
 from model_config import ModelConfig, get_preset
 from shards import ShardDataset
 from tokenizer import IGNORE_INDEX, NUM_SENTINELS
+from vocab_trim import VocabTrim, objective_ids, used_ids
 
 _names_before_config = set(globals())
 # ---- run, checkpoints, logging
 out_dir = "out"
 init_from = "scratch"           # 'scratch' (model_preset), 'qwen3' (qwen3_path), 'resume' (latest checkpoint in out_dir)
+objective = "ul2"               # 'ul2': the encoder-decoder; 'causal': next-token pretraining of a decoder-only Qwen3
 model_preset = "tiny_encdec"    # a model_config.py preset, for init_from='scratch'
 model_overrides = {}            # ModelConfig fields replacing the preset's, e.g. {'hidden_size': 128}
 qwen3_path = ""                 # Hugging Face Qwen3 directory or hub name, for init_from='qwen3'
@@ -58,6 +60,7 @@ dec_len = 512
 ul2_mixture = list(ul2_lib.DEFAULT_MIXTURE)  # (kind, mean_span, rate, weight) per denoiser
 ul2_end_mixture = []            # []: fixed mixture; else the weights reached after ul2_curriculum_iters
 ul2_curriculum_iters = 0
+trim_vocab = False              # train only the embedding rows the shards use (vocab_trim.py); checkpoints stay full
 prefetch = 4                    # micro-batches built ahead by the background thread
 seed = 1337
 # ---- optimiser
@@ -94,6 +97,7 @@ class Fail(Exception):
 
 def check_config(c, world):
     choices = {"init_from": ("scratch", "qwen3", "resume"), "parallelism": ("ddp", "zero1", "fsdp"),
+               "objective": ("ul2", "causal"),
                "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
@@ -137,19 +141,42 @@ def list_checkpoints(directory):
 
 def model_shape(c):
     """(ModelConfig, Qwen3 directory or checkpoint directory) without loading any weights."""
+    causal = c.objective == "causal"
     if c.init_from == "scratch":
-        return get_preset(c.model_preset, **c.model_overrides), None
-    if c.init_from == "qwen3":
-        path = find_qwen3(c.qwen3_path)
-        src = ModelConfig.from_hf(path)
-        return ModelConfig.from_dict({**src.to_dict(), "vocab_size": src.vocab_size + NUM_SENTINELS,
-                                      "num_encoder_layers": src.num_layers, "tie_embeddings": True}), path
-    ckpts = list_checkpoints(c.out_dir)
-    if not ckpts:
-        raise Fail(f"init_from='resume': no checkpoint ckpt-NNNNNNN in {c.out_dir}; "
-                   "start with init_from='scratch' or 'qwen3', or point --out_dir at an earlier run")
-    with open(os.path.join(ckpts[-1], "config.json")) as f:
-        return ModelConfig.from_dict(json.load(f)), ckpts[-1]
+        mcfg, source = get_preset(c.model_preset, **c.model_overrides), None
+    elif c.init_from == "qwen3":
+        source = find_qwen3(c.qwen3_path)
+        mcfg = ModelConfig.from_hf(source)
+        if not causal:
+            mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "vocab_size": mcfg.vocab_size + NUM_SENTINELS,
+                                          "num_encoder_layers": mcfg.num_layers, "tie_embeddings": True})
+    else:
+        ckpts = list_checkpoints(c.out_dir)
+        if not ckpts:
+            raise Fail(f"init_from='resume': no checkpoint ckpt-NNNNNNN in {c.out_dir}; "
+                       "start with init_from='scratch' or 'qwen3', or point --out_dir at an earlier run")
+        source = ckpts[-1]
+        with open(os.path.join(source, "config.json")) as f:
+            d = json.load(f)
+        mcfg = ModelConfig.from_hf(d) if d.get("model_type") == "qwen3" else ModelConfig.from_dict(d)
+    if mcfg.is_encoder_decoder == causal:
+        raise Fail(f"objective='{c.objective}' trains {'a decoder-only' if causal else 'an encoder-decoder'} model, "
+                   f"but the model is {'an encoder-decoder' if causal else 'decoder-only'}; pick a matching "
+                   f"model_preset (e.g. {'tiny' if causal else 'tiny_encdec'}) or objective")
+    return mcfg, source
+
+
+def blocks(raw):
+    return [*(raw.encoder.layers if isinstance(raw, EncoderDecoder) else []), *raw.decoder.layers]
+
+
+def load_model(c, mcfg, source):
+    cls = Qwen3 if c.objective == "causal" else EncoderDecoder
+    if c.init_from == "scratch":
+        return cls(mcfg)
+    if c.init_from == "qwen3" and cls is EncoderDecoder:
+        return EncoderDecoder.from_qwen3(source)
+    return cls.from_pretrained(source)  # a Hugging Face Qwen3 dir, or one of our checkpoints
 
 
 def check_out_dir(c):
@@ -228,8 +255,27 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
+def causal_batch(windows):
+    """Next-token prediction on windows of dec_len + 1 tokens."""
+    return {"idx": windows[:, :-1], "labels": windows[:, 1:], "denoiser": np.zeros(len(windows), np.int64)}
+
+
+def remap(batch, trim):
+    """Full ids -> the trimmed vocabulary's ids (a no-op without trimming)."""
+    if trim is None:
+        return batch
+    return {k: trim.to_compact(v) if k in ("idx", "enc_ids", "dec_ids", "labels") else v for k, v in batch.items()}
+
+
+def forward_loss(model, batch):
+    if "idx" in batch:
+        return model(batch["idx"], labels=batch["labels"])[1]
+    return model(batch["enc_ids"], batch["enc_mask"], batch["dec_ids"], labels=batch["labels"])[1]
+
+
 def to_tensors(batch, pin):
-    out = {k: torch.from_numpy(batch[k]) for k in ("enc_ids", "enc_mask", "dec_ids", "labels")}
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()
+           if k in ("idx", "enc_ids", "enc_mask", "dec_ids", "labels")}
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
@@ -243,7 +289,7 @@ def parallelize(model, c, world, dev, ptdtype):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if dev.type == "cuda" \
             else MixedPrecisionPolicy()
-        for block in [*model.encoder.layers, *model.decoder.layers]:
+        for block in blocks(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # the root holds the tied embedding and the final norms
         return model
@@ -341,7 +387,7 @@ def _fsync(path):
         os.close(fd)
 
 
-def save_checkpoint(model, raw, opt, names, run, c, world, rank):
+def save_checkpoint(model, raw, opt, names, run, c, world, rank, trim):
     from safetensors.torch import save_file
     model_sd = None
     if _sharded(c, world):
@@ -355,12 +401,15 @@ def save_checkpoint(model, raw, opt, names, run, c, world, rank):
         for name in os.listdir(c.out_dir):  # leftovers of a write that was killed
             if name.startswith("ckpt-") and name.endswith(".tmp"):
                 shutil.rmtree(os.path.join(c.out_dir, name), ignore_errors=True)
-        if model_sd is None:
+        if model_sd is None and trim is None:
             raw.save_pretrained(tmp)
-        else:  # an empty shell of the model carries the gathered weights into save_pretrained
+        else:  # an empty shell of the model carries the gathered / re-expanded weights into save_pretrained
+            state = model_sd if model_sd is not None else raw.state_dict()
+            if trim is not None:
+                state = trim.expand_state(state)
             with torch.device("meta"):
-                shell = EncoderDecoder(raw.cfg)
-            shell.load_state_dict(model_sd, assign=True)
+                shell = type(raw)(raw.cfg)
+            shell.load_state_dict(state, assign=True)
             shell.save_pretrained(tmp)
         tensors = {f"optim.{name}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
                    for name, s in opt_state.items() for k, v in s.items()}
@@ -404,17 +453,19 @@ def read_checkpoint(path):
 # ---------------------------------------------------------------------------------------
 # evaluation: loss per denoiser on fixed validation batches
 
-def eval_batches(c, val_data, ul2, world, rank):
+def eval_batches(c, val_data, ul2, world, rank, trim):
     """This process's share of the fixed validation set: per micro-batch, one sub-batch per
     denoiser. Every process runs the same number of forwards (a sub-batch with no rows of a
     denoiser becomes a dummy with every label ignored) so FSDP's collectives stay in step."""
-    sampler = WindowSampler(val_data, ul2.window_len, seed=0, what=f"{c.data_dir} val split")
-    fixed = ul2_lib.UL2(c.enc_len, c.dec_len, ul2.mixture, seed=0)
+    window = c.dec_len + 1 if ul2 is None else ul2.window_len
+    sampler = WindowSampler(val_data, window, seed=0, what=f"{c.data_dir} val split")
+    fixed = None if ul2 is None else ul2_lib.UL2(c.enc_len, c.dec_len, ul2.mixture, seed=0)
     rounds = []
     for i in range(rank, math.ceil(c.eval_iters / world) * world, world):
-        b = fixed.make_batch(sampler.windows(i * c.batch_size, c.batch_size), step=i)
+        windows = sampler.windows(i * c.batch_size, c.batch_size)
+        b = remap(causal_batch(windows) if ul2 is None else fixed.make_batch(windows, step=i), trim)
         subs = []
-        for d in range(len(ul2.mixture)):
+        for d in range(1 if ul2 is None else len(ul2.mixture)):
             rows = b["denoiser"] == d
             if i >= c.eval_iters or not rows.any():
                 sub = {k: v[:1] for k, v in b.items()}
@@ -434,7 +485,7 @@ def evaluate(model, rounds, names, dev, autocast, world):
         for d, sub in enumerate(subs):
             sub = {k: v.to(dev) for k, v in sub.items()}
             with autocast:
-                _, loss = model(sub["enc_ids"], sub["enc_mask"], sub["dec_ids"], labels=sub["labels"])
+                loss = forward_loss(model, sub)
             n = (sub["labels"] != IGNORE_INDEX).sum()
             sums[0, d] += loss.double() * n
             sums[1, d] += n
@@ -468,17 +519,30 @@ def main(argv):
     try:
         check_out_dir(c)
         mcfg, source = model_shape(c)
-        ul2 = ul2_lib.UL2(c.enc_len, c.dec_len, c.ul2_mixture, c.ul2_end_mixture or None,
-                          c.ul2_curriculum_iters, seed=c.seed)
+        causal = c.objective == "causal"
+        ul2 = None if causal else ul2_lib.UL2(c.enc_len, c.dec_len, c.ul2_mixture, c.ul2_end_mixture or None,
+                                              c.ul2_curriculum_iters, seed=c.seed)
         train_data = ShardDataset(c.data_dir, "train", vocab_size=mcfg.vocab_size)
         val_data = ShardDataset(c.data_dir, "val", vocab_size=mcfg.vocab_size) if c.eval_interval else None
     except (ValueError, OSError) as e:  # messages from model_config / ul2 / shards name the file or key
         raise Fail(str(e)) from None
     data_vocab = train_data.meta.get("vocab_size")
-    if data_vocab != mcfg.vocab_size:
-        raise Fail(f"{c.data_dir}/meta.json: vocab_size {data_vocab} does not match the model's {mcfg.vocab_size}; "
-                   "prepare the shards with this project's tokenizer or pick a model with that vocabulary")
-    sampler = WindowSampler(train_data, ul2.window_len, seed=c.seed, what=f"{c.data_dir} train split")
+    # the tokenizer's vocabulary is Qwen3's plus the sentinels, which only the encoder-decoder has
+    model_vocab = mcfg.vocab_size + (NUM_SENTINELS if causal else 0)
+    if data_vocab != model_vocab:
+        raise Fail(f"{c.data_dir}/meta.json: vocab_size {data_vocab} does not match the model's {model_vocab}"
+                   f"{' (with sentinels)' if causal else ''}; prepare the shards with this project's tokenizer "
+                   "or pick a model with that vocabulary")
+    window = c.dec_len + 1 if causal else ul2.window_len
+    sampler = WindowSampler(train_data, window, seed=c.seed, what=f"{c.data_dir} train split")
+    trim = None
+    if c.trim_vocab:  # both splits, whatever eval_interval says: resume must re-trim identically
+        try:
+            val_ids = val_data or ShardDataset(c.data_dir, "val", vocab_size=mcfg.vocab_size)
+        except (ValueError, OSError) as e:
+            raise Fail(str(e)) from None
+        kept = used_ids([train_data, val_ids], mcfg.vocab_size, objective_ids(encoder_decoder=not causal))
+        trim = VocabTrim(kept, mcfg.vocab_size)
 
     if world > 1:
         if use_cuda:
@@ -487,20 +551,18 @@ def main(argv):
     torch.manual_seed(c.seed)  # identical initial weights in every process
     run = {"iter": 0, "examples": 0, "bad_steps": 0, "val_loss": None}
     try:
-        if c.init_from == "scratch":
-            raw = EncoderDecoder(mcfg)
-        elif c.init_from == "qwen3":
-            raw = EncoderDecoder.from_qwen3(source)
-        else:
-            raw = EncoderDecoder.from_pretrained(source)
+        raw = load_model(c, mcfg, source)
+        if c.init_from == "resume":
             saved, optim_state, rng = read_checkpoint(source)
             run.update({k: saved[k] for k in run})
     except (ValueError, OSError) as e:
         raise Fail(f"cannot load {source}: {e}") from None
+    if trim is not None:
+        trim.shrink(raw)
     raw.to(dev)
     raw.set_activation_checkpointing(c.activation_checkpointing)
     if c.compile:
-        for block in [*raw.encoder.layers, *raw.decoder.layers]:
+        for block in blocks(raw):
             block.compile()  # in place: parameter names, and so checkpoints, stay the same
     model = parallelize(raw, c, world, dev, ptdtype)
     opt, names = make_optimizer(raw, c, dev, world)
@@ -519,10 +581,14 @@ def main(argv):
     def make(it, a):
         g = rank * micro_steps + a  # this micro-batch's index within the global batch
         first = examples0 + (it - iter0) * global_batch + g * c.batch_size
-        return to_tensors(ul2.make_batch(sampler.windows(first, c.batch_size), step=it, rank=g), pin=use_cuda)
+        windows = sampler.windows(first, c.batch_size)
+        batch = causal_batch(windows) if causal else ul2.make_batch(windows, step=it, rank=g)
+        return to_tensors(remap(batch, trim), pin=use_cuda)
 
-    rounds = eval_batches(c, val_data, ul2, world, rank) if c.eval_interval else []
-    flops_per_iter = mcfg.flops_per_example(c.enc_len, c.dec_len) * global_batch
+    rounds = eval_batches(c, val_data, ul2, world, rank, trim) if c.eval_interval else []
+    eval_names = ["causal"] if causal else ul2.denoiser_names
+    enc_tokens = 0 if causal else c.enc_len
+    flops_per_iter = mcfg.flops_per_example(enc_tokens, c.dec_len) * global_batch
     peak = next((f for n, f in GPU_PEAK_FLOPS if n in torch.cuda.get_device_name(dev)), None) if use_cuda else None
 
     log_file, wandb = None, None
@@ -538,7 +604,8 @@ def main(argv):
         n = mcfg.num_params()
         print(f"model {n['total'] / 1e6:.1f}M params ({n['non_embedding'] / 1e6:.1f}M non-embedding), "
               f"{world} process(es){' ' + c.parallelism if world > 1 else ''} on {dev} {dtype_name}, global batch "
-              f"{global_batch} x (enc {c.enc_len} + dec {c.dec_len}), window {ul2.window_len}, from iter {iter0}")
+              f"{global_batch} x (enc {enc_tokens} + dec {c.dec_len}), window {window}, from iter {iter0}"
+              + (f", vocabulary trimmed to {len(trim):,} rows" if trim is not None else ""))
 
     def log(record, line):
         if rank == 0:
@@ -554,12 +621,12 @@ def main(argv):
     try:
         for it in range(iter0, c.max_iters + 1):
             if c.eval_interval and (it % c.eval_interval == 0 or it == c.max_iters):
-                ev = evaluate(model, rounds, ul2.denoiser_names, dev, autocast, world)
+                ev = evaluate(model, rounds, eval_names, dev, autocast, world)
                 run["val_loss"] = ev["val_loss"]
                 log({"iter": it, **ev}, f"iter {it}: val loss {ev['val_loss']:.4f} (" +
                     ", ".join(f"{k[4:]} {v:.3f}" for k, v in ev.items() if k.startswith("val/")) + ")")
             if it > iter0 and ((c.ckpt_interval and it % c.ckpt_interval == 0) or it == c.max_iters):
-                save_checkpoint(model, raw, opt, names, run, c, world, rank)
+                save_checkpoint(model, raw, opt, names, run, c, world, rank, trim)
             if it == c.max_iters:
                 break
 
@@ -575,7 +642,7 @@ def main(argv):
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if world > 1 and not last and not _sharded(c, world) else nullcontext()
                 with sync, autocast:
-                    _, loss = model(batch["enc_ids"], batch["enc_mask"], batch["dec_ids"], labels=batch["labels"])
+                    loss = forward_loss(model, batch)
                     (loss / micro_steps).backward()
                 loss_sum += loss.detach().float()
             if world > 1:
@@ -601,7 +668,7 @@ def main(argv):
             if (it + 1) % c.log_interval == 0 or it + 1 == c.max_iters:
                 now = time.time()
                 dt = (now - t_log) / iters_logged
-                tok_s = global_batch * (c.enc_len + c.dec_len) / dt
+                tok_s = global_batch * (enc_tokens + c.dec_len) / dt
                 mfu = flops_per_iter / dt / (peak * world) if peak else None
                 eta = (c.max_iters - it - 1) * (now - t_start) / (it + 1 - iter0)
                 log({"iter": it + 1, "loss": loss_value, "lr": lr, "grad_norm": norm, "tok_per_s": tok_s,

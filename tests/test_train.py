@@ -129,6 +129,52 @@ def test_init_from_qwen3_first_loss_equals_direct_computation(tmp_path, data_dir
     assert EncoderDecoder.from_pretrained(str(out / "ckpt-0000002")).cfg.vocab_size == VOCAB_SIZE
 
 
+def test_causal_objective_trains_a_qwen3_that_transformers_loads(tmp_path, data_dir):
+    """objective='causal' pretrains a decoder-only Qwen3 (here with a trimmed vocabulary); its checkpoint is a
+    Hugging Face directory, and its first loss is next-token cross-entropy over the kept rows."""
+    from transformers import Qwen3ForCausalLM
+
+    from model import Qwen3
+    from model_config import get_preset
+    from vocab_trim import VocabTrim, objective_ids, used_ids
+    out = tmp_path / "out"
+    run(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--objective=causal", "--model_preset=tiny",
+        "--trim_vocab=True", "--max_iters=3")
+    torch.manual_seed(7)
+    model = Qwen3(get_preset("tiny"))
+    initial = model.embed.weight.detach().clone()
+    data = [shards.ShardDataset(data_dir, s) for s in ("train", "val")]
+    trim = VocabTrim(used_ids(data, 151936, objective_ids(False)), 151936)
+    trim.shrink(model)
+    windows = train.WindowSampler(data[0], 33, seed=7, what="").windows(0, 2)
+    b = {k: torch.from_numpy(v) for k, v in train.remap(train.causal_batch(windows), trim).items()}
+    with torch.no_grad():
+        _, direct = model(b["idx"], labels=b["labels"])
+    assert losses(out)[1] == pytest.approx(direct.item(), abs=1e-6)
+    assert losses(out)[3] < losses(out)[1]
+    ckpt = str(out / "ckpt-0000003")
+    hf, ours = Qwen3ForCausalLM.from_pretrained(ckpt).eval(), Qwen3.from_pretrained(ckpt).eval()
+    ids = torch.as_tensor(trim.kept[:12])[None]
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids)[0]).abs().max() < 1e-4
+    full = ours.embed.weight.detach()
+    assert full.shape[0] == 151936  # the checkpoint is full-size again
+    dropped = torch.ones(151936, dtype=torch.bool)
+    dropped[trim.kept] = False
+    assert torch.equal(full[dropped], initial[dropped])  # rows never used are never trained
+    assert not torch.equal(full[trim.kept], initial[trim.kept])
+
+
+def test_trimmed_vocabulary_resumes_exactly(tmp_path, data_dir):
+    common = [*TINY, f"--data_dir={data_dir}", "--trim_vocab=True", "--lr_decay_iters=4", "--ckpt_interval=2"]
+    run(*common, f"--out_dir={tmp_path / 'straight'}", "--max_iters=4")
+    run(*common, f"--out_dir={tmp_path / 'split'}", "--max_iters=2")
+    run(*common, f"--out_dir={tmp_path / 'split'}", "--max_iters=4", "--init_from=resume")
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    assert_same_tensors(weights(tmp_path / "straight" / "ckpt-0000004"), weights(tmp_path / "split" / "ckpt-0000004"))
+    assert weights(tmp_path / "split" / "ckpt-0000004")["embed.weight"].shape[0] == VOCAB_SIZE
+
+
 # ---------------------------------------------------------------------------------------
 # 3. exact resume
 
