@@ -9,6 +9,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _import_triton_for_interpreter():
+    """Triton picks interpreter or GPU mode at its first import, and importing transformers' models imports it.
+    Import it in interpreter mode first, then restore the environment: kernels.py only takes the Triton path on
+    CPU while TRITON_INTERPRET=1 is set (tests/test_kernels.py sets it per test), so other tests run torch code."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_import_triton_for_interpreter()
+
+
 def shared_data_dir():
     return os.environ.get("QWEN_ENCDEC_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 

@@ -15,28 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
-def _import_triton_for_interpreter():
-    """Triton builds its language library (tl.sum, tl.sigmoid, ...) for the interpreter only when
-    TRITON_INTERPRET=1 is set at its first import. Import it that way here, then restore the
-    environment (kernels.py reads TRITON_INTERPRET at each launch; the fixture below sets it)."""
-    if "triton" in sys.modules:
-        return  # imported for GPUs by an earlier module: see test_interpreter_tests_in_fresh_process
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
-_import_triton_for_interpreter()
-import kernels  # noqa: E402
+import kernels  # tests/conftest.py has already imported triton in interpreter mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}

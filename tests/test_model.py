@@ -13,7 +13,12 @@ from model_components import merged_attention
 from model_config import ModelConfig, get_preset
 from tokenizer import MODE_IDS
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def random_ids(B, T, seed=0, high=151643):
