@@ -154,6 +154,8 @@ def _linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, fuse
     # under autocast the hidden states are half precision while the weight is not: match them here
     # (autograd casts the gradient back), as autocast would have done for a plain matmul
     weight = weight.to(hidden.dtype)
+    if not torch.is_grad_enabled():  # evaluation: detached inputs tell forward to skip the gradients
+        hidden, weight = hidden.detach(), weight.detach()
     itemsize = hidden.element_size() if fused else 4
     chunk_size = chunk_size or _default_chunk(hidden.shape[0], weight.shape[0], itemsize, hidden.is_cuda)
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),

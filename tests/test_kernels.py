@@ -310,3 +310,26 @@ def test_model_same_loss_and_grads_with_triton(interpreted, monkeypatch, preset)
     assert grads_on.keys() == grads_off.keys() and len(grads_on) == len(list(model.parameters()))
     for name in grads_off:
         close(grads_on[name], grads_off[name], torch.float32)
+
+
+def test_cross_entropy_under_no_grad_computes_no_gradient():
+    """Evaluation pays for the loss only: under no_grad the forward skips the gradient matmuls."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 300, (40,), generator=g)
+    calls = []
+    original = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.mm = counting_mm
+    try:
+        with torch.no_grad():
+            loss = kernels.linear_cross_entropy(h, w, y, chunk_size=64)
+    finally:
+        torch.mm = original
+    assert len(calls) == 1  # the logits; no grad_hidden matmul
+    assert abs(loss.item() - F.cross_entropy(h @ w.t(), y).item()) < 1e-5
