@@ -89,13 +89,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     drop its references and autograd can adopt the buffers without a copy. Backward runs once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, fused):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, fused, mean):
         n, vocab = hidden.shape[0], weight.shape[0]
+        # the matmuls run in the hidden states' dtype (bf16 under autocast); the weight's own gradient
+        # is accumulated in fp32 and handed back in the weight's dtype
+        param = weight
+        weight = weight.to(hidden.dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # one host sync for every chunk's count of real labels
         valid = (labels != ignore_index).int()
         counts = F.pad(valid, (0, -n % chunk_size)).view(-1, chunk_size).sum(1).tolist() if n else []
-        scale = 1.0 / max(sum(counts), 1)
+        scale = 1.0 / max(sum(counts), 1) if mean else 1.0
         # the Triton kernel reads and writes the matmul's own dtype; torch works on fp32 logits
         buf = torch.empty(min(chunk_size, n), vocab, device=hidden.device,
                           dtype=hidden.dtype if fused else torch.float32)
@@ -130,7 +134,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden.mul_(scale)
         if need_w:
             grad_weight = torch.zeros(weight.shape, device=weight.device) if grad_weight is None else grad_weight
-            grad_weight = grad_weight.mul_(scale).to(weight.dtype)
+            grad_weight = grad_weight.mul_(scale).to(param.dtype)
         ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
         return loss * scale
 
@@ -144,28 +148,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for g in (grad_hidden, grad_weight):
                 if g is not None:
                     g.mul_(grad_loss.to(g.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, fused):
+def _linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, fused, reduction="mean"):
     if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"kernels.linear_cross_entropy: want hidden [N, C], weight [V, C], labels [N]; "
                          f"got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
-    # under autocast the hidden states are half precision while the weight is not: match them here
-    # (autograd casts the gradient back), as autocast would have done for a plain matmul
-    weight = weight.to(hidden.dtype)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"kernels.linear_cross_entropy: reduction={reduction!r}; choose 'mean' or 'sum'")
+    # the out= matmuls inside bypass autocast, so apply its rule here: under autocast the head's
+    # matmuls run in the autocast dtype (the final norm hands over fp32 states); loss and
+    # log-sum-exp stay fp32 either way. Without autocast, a half-precision hidden sets the dtype.
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        hidden = hidden.to(torch.get_autocast_dtype(dev))
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype) if hidden.element_size() > weight.element_size() else hidden
     if not torch.is_grad_enabled():  # evaluation: detached inputs tell forward to skip the gradients
         hidden, weight = hidden.detach(), weight.detach()
     itemsize = hidden.element_size() if fused else 4
     chunk_size = chunk_size or _default_chunk(hidden.shape[0], weight.shape[0], itemsize, hidden.is_cuda)
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
-                                     ignore_index, int(chunk_size), fused)
+                                     ignore_index, int(chunk_size), fused, reduction == "mean")
 
 
-def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, chunk_size=None):
-    """Mean cross-entropy over labels != ignore_index (0 when every label is ignored), in chunks
-    of tokens on torch ops. chunk_size=None picks the rows by memory, see _default_chunk."""
-    return _linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, fused=False)
+def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, chunk_size=None, reduction="mean"):
+    """Mean (or summed) cross-entropy over labels != ignore_index (0 when every label is ignored), in
+    chunks of tokens on torch ops. chunk_size=None picks the rows by memory, see _default_chunk."""
+    return _linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, False, reduction)
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,9 +214,9 @@ def apply_rotary(x, cos, sin):
 
 
 @torch.compiler.disable  # a Python loop of large matmuls: nothing for a compiler to fuse
-def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None):
-    """Mean cross-entropy of hidden [N, C] @ weight[V, C].T against labels [N], never holding [N, V]."""
-    return _linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, fused=_triton_ok(hidden))
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None, reduction="mean"):
+    """Mean (or summed) cross-entropy of hidden [N, C] @ weight[V, C].T against labels [N], never holding [N, V]."""
+    return _linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, _triton_ok(hidden), reduction)
 
 
 # ---------------------------------------------------------------------------------------

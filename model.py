@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from model_components import Block, KVCache, RMSNorm, Rotary
+import model_components as components
+from model_components import Block, KVCache, RMSNorm, Rotary, build_mask
 from model_config import ModelConfig
 from tokenizer import EOS_ID, IGNORE_INDEX, MODE_IDS, QWEN3_VOCAB_SIZE
 
@@ -31,6 +32,31 @@ def positions_from_mask(mask, T, device):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def segment_positions(seg):
+    """Positions restarting at 0 at the start of every segment of a packed row: seg [B, T] -> [B, T]."""
+    idx = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    start = torch.ones_like(seg, dtype=torch.bool)
+    start[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    return idx - torch.where(start, idx, 0).cummax(1).values
+
+
+def padding_segments(mask):
+    """A padding mask as segment ids (1 = real, 0 = padding), or None when there is no padding at all:
+    one host sync per forward (skipped under compile), so unpadded batches keep the mask-free kernels."""
+    if mask is None:
+        return None
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask.long()
+
+
+def custom_mask(allowed):
+    """A caller's [B, T, T] bool mask in the form the attention backend takes."""
+    if allowed.is_cuda and components.ATTENTION_BACKEND != "sdpa" or components.ATTENTION_BACKEND == "flex":
+        return components.dense_to_block_mask(allowed)
+    return allowed[:, None]
+
+
 class Stack(nn.Module):
     """A run of blocks and the final norm: Qwen3's decoder, our encoder, or our decoder."""
 
@@ -40,15 +66,22 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.activation_checkpointing = False
 
-    def forward(self, x, cos, sin, mode, key_mask=None, enc_out=None, enc_mask=None, cache=None):
+    def forward(self, x, cos, sin, mode, mask=None, enc_out=None, enc_rope=None, cache=None):
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mode, key_mask, enc_out, enc_mask, layer_cache,
-                               use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mode, mask, enc_out, enc_rope, layer_cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mode, key_mask, enc_out, enc_mask, layer_cache)
+                x = block(x, cos, sin, mode, mask, enc_out, enc_rope, layer_cache)
         return self.norm(x)
+
+
+def set_dropout(model, attn=0.0, hidden=0.0):
+    """Dropout for fine-tuning stages (SimCSE needs it; Qwen3 has none): on attention probabilities and on
+    each block's attention and MLP outputs. A run-time setting, active in train() mode, never saved."""
+    for block in model.modules():
+        if isinstance(block, Block):
+            block.dropout, block.attn.dropout = float(hidden), float(attn)
 
 
 def _init_weights(module):
@@ -149,26 +182,48 @@ class Qwen3(nn.Module):
     def set_activation_checkpointing(self, flag=True):
         self.decoder.activation_checkpointing = flag
 
+    def set_dropout(self, attn=0.0, hidden=0.0):
+        set_dropout(self, attn, hidden)
+
     @property
     def head_weight(self):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, idx, attention_mask=None, position_ids=None):
-        """Final normed hidden states [B, T, C]. attention_mask [B, T]: 1 = real token, 0 = padding."""
-        mask = None if attention_mask is None else attention_mask.bool()
-        pos = position_ids if position_ids is not None else positions_from_mask(mask, idx.shape[1], idx.device)
+    def hidden(self, idx, attention_mask=None, position_ids=None, attn="causal", attn_mask=None, seg=None):
+        """Final normed hidden states [B, T, C].
+
+        attention_mask [B, T]: 1 = real token, 0 = padding (positions skip padding).
+        attn: 'causal' (Qwen3) or 'bidirectional' (every query sees every real key: the encoder recipe).
+        attn_mask [B, T, T] bool (True = may attend) replaces the structure `attn` picks (padding included).
+        seg [B, T]: packed documents (segment ids, 0 = padding); positions restart in each segment."""
+        if attn not in ("causal", "bidirectional"):
+            raise ValueError(f"Qwen3.hidden: attn={attn!r}; choose 'causal' or 'bidirectional'")
+        causal = attn == "causal"
+        if seg is not None:
+            pos, mask = segment_positions(seg), build_mask(seg, seg, causal)
+        else:
+            real = None if attention_mask is None else attention_mask.bool()
+            pos = positions_from_mask(real, idx.shape[1], idx.device)
+            segs = padding_segments(real) if attn_mask is None else None
+            mask = None if segs is None else build_mask(segs, segs, causal)
+        if attn_mask is not None:
+            mask = custom_mask(attn_mask.bool())
+        if position_ids is not None:
+            pos = position_ids
         x = self.embed(idx)
         cos, sin = self.rotary(pos, x.dtype)
-        return self.decoder(x, cos, sin, "causal", key_mask=mask)
+        return self.decoder(x, cos, sin, attn, mask)
 
-    def forward(self, idx, attention_mask=None, labels=None, position_ids=None):
+    def forward(self, idx, attention_mask=None, labels=None, position_ids=None, attn="causal", attn_mask=None,
+                seg=None, reduction="mean"):
         """labels are aligned with idx (labels[t] is the token after idx[t]), IGNORE_INDEX where unscored.
-        With labels: (None, mean loss) computed without the full logits; without: (logits, None)."""
-        h = self.hidden(idx, attention_mask, position_ids)
+        With labels: (None, loss) computed without the full logits, the mean over scored tokens or, with
+        reduction='sum', their sum; without: (logits, None)."""
+        h = self.hidden(idx, attention_mask, position_ids, attn, attn_mask, seg)
         if labels is None:
             return F.linear(h, self.head_weight), None
         loss = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1),
-                                            IGNORE_INDEX)
+                                            IGNORE_INDEX, reduction=reduction)
         return None, loss
 
     @classmethod
@@ -219,23 +274,63 @@ class EncoderDecoder(nn.Module):
     def set_activation_checkpointing(self, flag=True):
         self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = flag
 
-    def encode(self, enc_ids, enc_mask=None):
-        """Final normed encoder states [B, S, C]; enc_mask [B, S] bool, True = real token."""
-        mask = None if enc_mask is None else enc_mask.bool()
-        x = self.embed(enc_ids)
-        cos, sin = self.rotary(positions_from_mask(mask, enc_ids.shape[1], enc_ids.device), x.dtype)
-        return self.encoder(x, cos, sin, "bidirectional", key_mask=mask)
+    def set_dropout(self, attn=0.0, hidden=0.0):
+        set_dropout(self, attn, hidden)
 
-    def decoder_hidden(self, dec_ids, enc_out, enc_mask=None, cache=None):
-        """Final normed decoder states. With a cache, dec_ids are only the new tokens."""
+    def encoder_positions(self, enc_ids, enc_mask=None, enc_seg=None):
+        if enc_seg is not None:
+            return segment_positions(enc_seg)
+        return positions_from_mask(None if enc_mask is None else enc_mask.bool(), enc_ids.shape[1], enc_ids.device)
+
+    def encode(self, enc_ids, enc_mask=None, enc_seg=None):
+        """Final normed encoder states [B, S, C]; enc_mask [B, S] bool, True = real token; or enc_seg [B, S],
+        the segment ids of packed examples (0 = padding): each example sees only itself."""
+        segs = enc_seg if enc_seg is not None else padding_segments(None if enc_mask is None else enc_mask.bool())
+        mask = None if segs is None else build_mask(segs, segs, causal=False)
+        x = self.embed(enc_ids)
+        cos, sin = self.rotary(self.encoder_positions(enc_ids, enc_mask, enc_seg), x.dtype)
+        return self.encoder(x, cos, sin, "bidirectional", mask)
+
+    def decoder_hidden(self, dec_ids, enc_out, enc_mask=None, cache=None, enc_seg=None, dec_seg=None):
+        """Final normed decoder states. With a cache, dec_ids are only the new tokens (enc_out is needed on
+        the first call only). Packed rows pass enc_seg and dec_seg: decoder segment k sees encoder segment k
+        and its own causal prefix, positions restart per segment."""
+        B, t = dec_ids.shape
+        device = dec_ids.device
         start = cache.pos if cache is not None else 0
         x = self.embed(dec_ids)
-        pos = torch.arange(start, start + dec_ids.shape[1], device=dec_ids.device)
+        pos = segment_positions(dec_seg) if dec_seg is not None else torch.arange(start, start + t, device=device)
+        enc_rope = None
+        if self.cfg.enc_rope == "prefix":
+            # a prefix LM: decoder positions continue after the real encoder tokens of the same example
+            offset = None if cache is None else getattr(cache, "enc_offset", None)
+            if offset is None:
+                if enc_seg is not None:
+                    ones = torch.ones_like(enc_seg)
+                    counts = torch.zeros(B, enc_seg.shape[1] + 1, dtype=enc_seg.dtype, device=device)
+                    offset = counts.scatter_add_(1, enc_seg, ones).gather(1, dec_seg)
+                elif enc_mask is not None:
+                    offset = enc_mask.long().sum(1, keepdim=True)
+                else:
+                    offset = torch.full((B, 1), enc_out.shape[1], device=device)
+                if cache is not None:
+                    cache.enc_offset = offset
+            pos = pos + offset
+            if enc_out is not None:
+                enc_pos = self.encoder_positions(enc_out[..., 0], enc_mask, enc_seg)
+                enc_rope = self.rotary(enc_pos, x.dtype)
         cos, sin = self.rotary(pos, x.dtype)
-        mask = None if enc_mask is None else enc_mask.bool()
-        h = self.decoder(x, cos, sin, "merged", enc_out=enc_out, enc_mask=mask, cache=cache)
+        if dec_seg is not None or enc_seg is not None:
+            dseg = dec_seg if dec_seg is not None else torch.ones(B, t, dtype=torch.long, device=device)
+            eseg = enc_seg if enc_seg is not None else torch.ones(B, enc_out.shape[1], dtype=torch.long, device=device)
+            mask = build_mask(dseg, dseg, True, eseg)
+        else:
+            eseg = padding_segments(None if enc_mask is None else enc_mask.bool())
+            ones = torch.ones(B, start + t, dtype=torch.long, device=device)
+            mask = None if eseg is None else build_mask(ones[:, start:], ones, True, eseg)
+        h = self.decoder(x, cos, sin, "merged", mask, enc_out=enc_out, enc_rope=enc_rope, cache=cache)
         if cache is not None:
-            cache.pos += dec_ids.shape[1]
+            cache.pos += t
         return h
 
     def decode(self, dec_ids, enc_out, enc_mask=None, cache=None):
@@ -245,14 +340,16 @@ class EncoderDecoder(nn.Module):
     def new_cache(self):
         return KVCache(self.cfg.num_layers)
 
-    def forward(self, enc_ids, enc_mask, dec_ids, labels=None):
-        """With labels: (None, mean cross-entropy over labels != IGNORE_INDEX), never holding [B, T, V]
-        logits; without: (logits, None)."""
-        h = self.decoder_hidden(dec_ids, self.encode(enc_ids, enc_mask), enc_mask)
+    def forward(self, enc_ids, enc_mask, dec_ids, labels=None, enc_seg=None, dec_seg=None, reduction="mean"):
+        """With labels: (None, cross-entropy over labels != IGNORE_INDEX: their mean, or their sum with
+        reduction='sum'), never holding [B, T, V] logits; without: (logits, None).
+        Packed rows: enc_seg / dec_seg segment ids (enc_mask may then be None)."""
+        enc_out = self.encode(enc_ids, enc_mask, enc_seg)
+        h = self.decoder_hidden(dec_ids, enc_out, enc_mask, enc_seg=enc_seg, dec_seg=dec_seg)
         if labels is None:
             return F.linear(h, self.embed.weight), None
         loss = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.embed.weight, labels.reshape(-1),
-                                            IGNORE_INDEX)
+                                            IGNORE_INDEX, reduction=reduction)
         return None, loss
 
     # ---- conversion and checkpoints

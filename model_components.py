@@ -1,9 +1,11 @@
 """The pieces of a Qwen3 block: RMSNorm, rotary embedding, GQA attention with QK-norm, SwiGLU MLP.
 
-Attention comes in three modes, all through scaled_dot_product_attention:
+Attention comes in three modes, all through one call (`attend`):
   causal         decoder-only Qwen3 (merged attention with an empty encoder)
-  bidirectional  the encoder: every query sees every real key (padding mask only)
+  bidirectional  the encoder: every query sees every key of its own segment (padding mask only)
   merged         the decoder: queries over [encoder ; decoder] keys, see `merged_attention`
+The mask (padding, packed segments) is built once per forward by `build_mask` and shared by
+every layer: no layer inspects its inputs, so blocks compile without graph breaks or host syncs.
 """
 import torch
 import torch.nn as nn
@@ -48,51 +50,105 @@ class Rotary(nn.Module):
         return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
-def bidirectional_attention(q, k, v, key_mask=None):
-    """Encoder attention: every query sees every real key. key_mask [B, S] bool, True = real token."""
-    mask = None
-    if key_mask is not None and not bool(key_mask.all()):
-        # a row with no real token at all would softmax over nothing: let it see everything instead
-        key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
-        mask = key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+def _flex():
+    """flex_attention compiled once (eager flex is a slow reference; compiled it is a fused kernel)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
 
 
-def merged_attention(q, k, v, enc_k=None, enc_v=None, enc_mask=None, dec_mask=None):
+_FLEX = None
+ATTENTION_BACKEND = "auto"  # 'auto': flex_attention for masked attention on CUDA, SDPA otherwise; 'sdpa'; 'flex'
+
+
+def set_attention_backend(name):
+    global ATTENTION_BACKEND
+    if name not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"attention backend {name!r}: choose auto, sdpa or flex")
+    ATTENTION_BACKEND = name
+
+
+def build_mask(q_seg, kv_seg, causal, enc_seg=None, flex=None):
+    """Which keys each query sees, decided once per forward and shared by every layer.
+
+    q_seg [B, t], kv_seg [B, T]: segment ids, 0 = padding. A query sees the keys of its own segment, so
+    packed examples never see each other and a padding query sees padding (never an empty row: softmax
+    stays finite, and nothing reads padding outputs). causal: the t queries are the last t of the T keys
+    and see only keys at or before their own position. enc_seg [B, S]: encoder keys placed before the T
+    keys (merged attention); a decoder query sees the encoder keys of its own segment.
+
+    Returns a bool tensor [B, 1, t, S + T] for SDPA, or a flex_attention BlockMask (flex=True, the
+    default on CUDA under the 'auto' backend): SDPA with a mask and GQA falls back to the math kernel
+    there, which materialises fp32 scores; flex compiles the same rule into a fused block-sparse kernel.
+    """
+    B, t = q_seg.shape
+    T, S = kv_seg.shape[1], 0 if enc_seg is None else enc_seg.shape[1]
+    if flex is None:
+        flex = ATTENTION_BACKEND == "flex" or (ATTENTION_BACKEND == "auto" and q_seg.is_cuda)
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+        off = T - t
+
+        def mask_mod(b, h, q, kv):
+            qs = q_seg[b, q]
+            dec = kv_seg[b, (kv - S).clamp(min=0)] == qs
+            if causal:
+                dec = dec & (kv - S <= q + off)
+            if S == 0:
+                return dec
+            return torch.where(kv < S, enc_seg[b, kv.clamp(max=S - 1)] == qs, dec)
+
+        return create_block_mask(mask_mod, B, None, t, S + T, device=q_seg.device, _compile=q_seg.is_cuda)
+    mask = q_seg[:, :, None] == kv_seg[:, None, :]
+    if causal:
+        mask = mask & torch.ones(t, T, dtype=torch.bool, device=q_seg.device).tril(T - t)
+    if S:
+        mask = torch.cat([q_seg[:, :, None] == enc_seg[:, None, :], mask], dim=2)
+    return mask[:, None]
+
+
+def dense_to_block_mask(allowed):
+    """A caller's own [B, T, T] bool mask (True = may attend) as a BlockMask for flex_attention."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T, S = allowed.shape
+    return create_block_mask(lambda b, h, q, kv: allowed[b, q, kv], B, None, T, S, device=allowed.device,
+                             _compile=allowed.is_cuda)
+
+
+def attend(q, k, v, mask, causal, dropout=0.0):
+    """One attention call for every mode. mask: None (no padding: plain or lower-right causal SDPA, which
+    flash kernels take without a tensor), a bool tensor from build_mask, or a flex BlockMask."""
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask (no dropout: see Attention)
+        return _flex()(q, k, v, block_mask=mask, enable_gqa=True)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
+    t, T = q.shape[2], k.shape[2]
+    if not causal or t == 1:  # bidirectional, or one new query that sees every key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=True)
+    if t == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, T), dropout_p=dropout,
+                                          enable_gqa=True)
+
+
+def merged_attention(q, k, v, enc_k=None, enc_v=None, mask=None, dropout=0.0):
     """Decoder attention over [encoder ; decoder] keys, softmaxed jointly.
 
     q      [B, H, t, D]    the newest t decoder queries (t = T without a cache)
     k, v   [B, Hkv, T, D]  all decoder keys/values so far (the last t belong to the queries)
     enc_k, enc_v [B, Hkv, S, D]  encoder states projected by the same k/v projections and k-norm
-    enc_mask [B, S], dec_mask [B, T]: True = real token (None = no padding)
+    mask   None (no padding, one example per row) or build_mask(dec_seg[-t:], dec_seg, True, enc_seg)
 
     Putting the encoder keys first makes the mask bottom-right-aligned causal over S + T keys: the
     query at decoder position i sees all S encoder keys and decoder keys 0..i. Without padding that mask
     needs no tensor at all (SDPA's lower-right causal bias, which flash kernels take natively).
     With an empty encoder (S = 0) this is exactly causal self-attention.
     """
-    t, T = q.shape[2], k.shape[2]
     if enc_k is not None and enc_k.shape[2] > 0:
         k, v = torch.cat([enc_k, k], dim=2), torch.cat([enc_v, v], dim=2)
-    else:
-        enc_mask = None
-    S = k.shape[2] - T
-    pad = (enc_mask is not None and not bool(enc_mask.all())) or (dec_mask is not None and not bool(dec_mask.all()))
-    if not pad:
-        if t == 1:  # one new query sees every key
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        if S == 0 and t == T:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, S + T), enable_gqa=True)
-    B, device = q.shape[0], q.device
-    causal = torch.ones(t, T, dtype=torch.bool, device=device).tril(T - t)  # query i at position T-t+i
-    dec_keys = causal[None] if dec_mask is None else causal[None] & dec_mask[:, None, :]
-    # a padded query that would see no key at all (left padding) sees itself, to keep softmax finite
-    itself = torch.arange(T, device=device)[None, :] == torch.arange(T - t, T, device=device)[:, None]
-    dec_keys = dec_keys | itself[None]
-    enc_keys = (torch.ones(B, S, dtype=torch.bool, device=device) if enc_mask is None else enc_mask)
-    mask = torch.cat([enc_keys[:, None, :].expand(B, t, S), dec_keys.expand(B, t, T)], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+    return attend(q, k, v, mask, causal=True, dropout=dropout)
 
 
 class Attention(nn.Module):
@@ -108,6 +164,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * hd, c, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.dropout = 0.0  # on attention probabilities in training (set_dropout); Qwen3 itself has none
 
     def project_kv(self, x):
         """Keys (k-normed, no rotary yet) and values [B, Hkv, T, D]; also used on encoder states."""
@@ -116,26 +173,40 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         return k, v
 
-    def forward(self, x, cos, sin, mode, key_mask=None, enc_out=None, enc_mask=None, cache=None):
+    def encoder_kv(self, enc_out, enc_rope):
+        """The encoder's keys/values as this decoder layer sees them. enc_rope None: unrotated keys, as in
+        transformers' T5Gemma2 -- an unrotated key scores like a key at position 0, so a decoder query at
+        position m sees every encoder key at distance m. enc_rope (cos, sin) at the encoder's own positions:
+        the prefix-LM view the pretrained decoder knows, with decoder positions continuing after the encoder
+        (ModelConfig.enc_rope = 'prefix'). Either way they depend only on the encoder, so a cache keeps them."""
+        k, v = self.project_kv(enc_out)
+        if enc_rope is not None:
+            k = kernels.apply_rotary(k, *enc_rope)
+        return k, v
+
+    def forward(self, x, cos, sin, mode, mask=None, enc_out=None, enc_rope=None, cache=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.hd)).transpose(1, 2)
         k, v = self.project_kv(x)
         q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        if dropout and mask is not None and not isinstance(mask, torch.Tensor):
+            raise ValueError("attention dropout needs the SDPA backend (flex_attention has no dropout); "
+                             "call model_components.set_attention_backend('sdpa')")
         if mode == "bidirectional":
-            y = bidirectional_attention(q, k, v, key_mask)
+            y = attend(q, k, v, mask, causal=False, dropout=dropout)
+        elif mode == "causal":
+            y = attend(q, k, v, mask, causal=True, dropout=dropout)
         else:
-            # encoder keys carry no rotary: a decoder position and an encoder position are in different
-            # sequences, so their distance means nothing; unrotated keys also make the encoder keys/values
-            # independent of the decoder position, so a cache projects them once per prompt.
             enc_kv = cache.enc_kv if cache is not None else None
             if enc_kv is None and enc_out is not None:
-                enc_kv = self.project_kv(enc_out)
+                enc_kv = self.encoder_kv(enc_out, enc_rope)
                 if cache is not None:
                     cache.enc_kv = enc_kv
             if cache is not None:
                 k, v = cache.append(k, v)
             enc_k, enc_v = enc_kv if enc_kv is not None else (None, None)
-            y = merged_attention(q, k, v, enc_k, enc_v, enc_mask, key_mask)
+            y = merged_attention(q, k, v, enc_k, enc_v, mask, dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -160,9 +231,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mode, key_mask=None, enc_out=None, enc_mask=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mode, key_mask, enc_out, enc_mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        self.dropout = 0.0  # on the attention and MLP outputs before each residual add (set_dropout)
+
+    def forward(self, x, cos, sin, mode, mask=None, enc_out=None, enc_rope=None, cache=None):
+        p = self.dropout if self.training else 0.0
+        x = x + F.dropout(self.attn(self.attn_norm(x), cos, sin, mode, mask, enc_out, enc_rope, cache), p)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), p)
 
 
 class LayerCache:

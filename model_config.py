@@ -20,6 +20,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_seq_len: int = 40960
     tie_embeddings: bool = True      # the encoder-decoder always ties; Qwen3 may not
+    enc_rope: str = "none"           # encoder keys in merged attention: 'none' (unrotated, as T5Gemma2) or
+                                     # 'prefix' (rotated at their own positions, decoder positions after them)
 
     def __post_init__(self):
         checks = [
@@ -32,6 +34,7 @@ class ModelConfig:
              "max_seq_len must all be positive"),
             (self.num_encoder_layers >= 0, f"num_encoder_layers={self.num_encoder_layers} must be >= 0"),
             (self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive"),
+            (self.enc_rope in ("none", "prefix"), f"enc_rope={self.enc_rope!r} must be 'none' or 'prefix'"),
             (self.tie_embeddings or not self.is_encoder_decoder,
              "the encoder-decoder shares one embedding matrix: tie_embeddings must be True"),
         ]

@@ -9,7 +9,7 @@ from conftest import make_hf_qwen3
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
 from model import EncoderDecoder, Qwen3, load_any, positions_from_mask
-from model_components import merged_attention
+from model_components import build_mask, merged_attention
 from model_config import ModelConfig, get_preset
 from tokenizer import MODE_IDS
 
@@ -124,13 +124,18 @@ def test_merged_attention_matches_hand_reference(enc_pad):
     if enc_pad:
         enc_mask[0, -2:] = False
         enc_mask[1, -4:] = False
-    got = merged_attention(q, k, v, enc_k, enc_v, enc_mask)
+    ones = torch.ones(B, T, dtype=torch.long)
+
+    def mask(t, T):  # the queries are the last t of T decoder keys; None when nothing is padded
+        return build_mask(ones[:, T - t:T], ones[:, :T], True, enc_mask.long()) if enc_pad else None
+
+    got = merged_attention(q, k, v, enc_k, enc_v, mask(T, T))
     assert (got - reference_merged(q, k, v, enc_k, enc_v, enc_mask)).abs().max() < 1e-5
     # newest query alone (as with a cache) sees everything
-    last = merged_attention(q[:, :, -1:], k, v, enc_k, enc_v, enc_mask)
+    last = merged_attention(q[:, :, -1:], k, v, enc_k, enc_v, mask(1, T))
     assert (last - got[:, :, -1:]).abs().max() < 1e-5
     # the middle two queries (a cache holding 3 keys, 2 new) use a lower-right causal mask
-    mid = merged_attention(q[:, :, 2:4], k[:, :, :4], v[:, :, :4], enc_k, enc_v, enc_mask)
+    mid = merged_attention(q[:, :, 2:4], k[:, :, :4], v[:, :, :4], enc_k, enc_v, mask(2, 4))
     assert (mid - got[:, :, 2:4]).abs().max() < 1e-5
 
 
