@@ -171,6 +171,40 @@ def _fingerprint(bpe_tokens, pattern):
     return "qwen3-" + h.hexdigest()[:12]
 
 
+def _nfc_alignment(text):
+    """For each character of NFC(text), the index in `text` of the character it came from, as the Hugging Face
+    normaliser aligns them: unchanged characters map to themselves, a composition (e + U+0301 -> é) to its
+    first source character, the parts of a decomposition to their one source character."""
+    out, i = [], 0
+    while i < len(text):
+        j = i + 1  # grow the segment while the next character changes how it normalises
+        while j < len(text) and unicodedata.normalize("NFC", text[i:j + 1]) != (
+                unicodedata.normalize("NFC", text[i:j]) + unicodedata.normalize("NFC", text[j])):
+            j += 1
+        n = len(unicodedata.normalize("NFC", text[i:j]))
+        out += [min(i + k, j - 1) for k in range(n)]
+        i = j
+    return np.asarray(out, dtype=np.int64)
+
+
+def _char_offsets(text, lengths):
+    """Character (start, end) in `text` of tokens whose UTF-8 byte lengths in NFC(text) are `lengths`."""
+    if not len(lengths):
+        return []
+    nfc = unicodedata.normalize("NFC", text)
+    cp = np.frombuffer(nfc.encode("utf-32-le"), dtype=np.uint32)
+    width = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+    byte_char = np.repeat(np.arange(len(cp)), width)  # byte index -> character index
+    ends = np.cumsum(lengths)
+    if ends[-1] != len(byte_char):
+        raise ValueError("token lengths do not add up to the text's UTF-8 length; were these ids encoded from it?")
+    first, last = byte_char[ends - lengths], byte_char[ends - 1]
+    if nfc != text:
+        align = _nfc_alignment(text)
+        first, last = align[first], align[last]
+    return list(zip(first.tolist(), (last + 1).tolist()))
+
+
 class _Qwen3Base:
     """What both backends share: ids, sentinels, decode's treatment of unused ids, save_hf."""
     vocab_size = VOCAB_SIZE
@@ -209,6 +243,30 @@ class _Qwen3Base:
             else:
                 run.append(i)
         return "".join(out + [self._decode_known(run)])
+
+    def encode_offsets(self, text, allow_special=True):
+        """(ids, offsets) of one text; see encode_batch_offsets."""
+        return self.encode_batch_offsets([text], allow_special=allow_special)[0]
+
+    def encode_batch_offsets(self, texts, allow_special=True):
+        """[(ids, offsets)] per text: offsets[i] = (start, end), the characters of `text` (as given, before
+        NFC) that token i came from, equal to what a Hugging Face fast tokenizer on the files save_hf writes
+        returns with return_offsets_mapping=True. As there: a token holding only some of a character's UTF-8
+        bytes spans the whole character (so neighbouring tokens may share it); the space a token starts
+        with is inside its span; a character that NFC composed from several spans only the first of them."""
+        texts = list(texts)
+        return [(ids, _char_offsets(t, self._token_lengths[np.asarray(ids, dtype=np.int64)]))
+                for t, ids in zip(texts, self.encode_batch(texts, allow_special=allow_special))]
+
+    @functools.cached_property
+    def _token_lengths(self):
+        """UTF-8 byte length of every token id (0 for the unused rows, which text never produces)."""
+        n = np.zeros(VOCAB_SIZE, dtype=np.int64)
+        for tid, token in self._bpe_tokens().items():
+            n[tid] = len(token)
+        for content, (tid, _) in ADDED_TOKENS.items():
+            n[tid] = len(content.encode("utf-8"))
+        return n
 
     @functools.cached_property
     def fingerprint(self):
@@ -344,6 +402,10 @@ class HFQwen3Tokenizer(_Qwen3Base):
     def encode_batch(self, texts, allow_special=True):
         tk = self._tk if allow_special else self._plain
         return [e.ids for e in tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_batch_offsets(self, texts, allow_special=True):
+        tk = self._tk if allow_special else self._plain
+        return [(e.ids, [tuple(o) for o in e.offsets]) for e in tk.encode_batch(list(texts), add_special_tokens=False)]
 
     def _decode_known(self, ids):
         return self._tk.decode(ids, skip_special_tokens=False)

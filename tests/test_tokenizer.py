@@ -222,3 +222,52 @@ def test_load_rejects_non_qwen_layout(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     with pytest.raises(ValueError, match="<\\|endoftext\\|> has id 3, expected 151643"):
         T.load_tokenizer(str(tmp_path))
+
+
+OFFSET_TEXTS = MIXED + [
+    "e\u0301 cafe\u0301 A\u030a n\u0303 \u0344x\u2126 \u1100\u1161\u11a8z a\u0301\u0316b \u1e0b\u0323",  # NFC changes
+    "emoji 🙂🙂 👩‍👩‍👧 ok  ñ", "a<|endoftext|>b <extra_id_0> c<|ul2_R|>",
+]
+
+
+def squad_contexts():
+    path = os.path.join(shared_data_dir(), "qa", "squad_train_subset_v1.1.json")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found")
+    with open(path, encoding="utf-8") as f:
+        return [p["context"] for a in json.load(f)["data"] for p in a["paragraphs"]]
+
+
+def test_offsets_match_hf_fast_tokenizer(tok, hf_dir):
+    # the reference: transformers' fast tokenizer on the files save_hf wrote
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    again = T.load_tokenizer(hf_dir)
+    for text in OFFSET_TEXTS:
+        want = hf(text, return_offsets_mapping=True)
+        ids, offsets = tok.encode_offsets(text)
+        assert ids == want["input_ids"] == tok.encode(text), text
+        assert offsets == [tuple(o) for o in want["offset_mapping"]], text
+        assert again.encode_offsets(text) == (ids, offsets)
+    # a character split over two tokens: both span it; tokens cover the text in order
+    assert tok.encode_offsets("x 👩")[1] == [(0, 1), (1, 3), (2, 3)]
+    plain = "x<|endoftext|>y"
+    assert tok.encode_offsets(plain, allow_special=False) == (
+        hf(plain, return_offsets_mapping=True, split_special_tokens=True)["input_ids"],
+        [tuple(o) for o in hf(plain, return_offsets_mapping=True, split_special_tokens=True)["offset_mapping"]])
+    assert tok.encode_offsets("") == ([], [])
+
+
+@need_shared
+def test_offsets_match_hf_on_squad_contexts(tok, hf_dir):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    contexts = squad_contexts()
+    want = hf(contexts, return_offsets_mapping=True)
+    got = tok.encode_batch_offsets(contexts)
+    for i, (ids, offsets) in enumerate(got):
+        assert ids == want["input_ids"][i]
+        assert offsets == [tuple(o) for o in want["offset_mapping"][i]], contexts[i][:80]
+    # every token's text is what its ids decode to (no NFC change in these contexts)
+    ids, offsets = got[0]
+    assert "".join(contexts[0][a:b] for a, b in offsets) == contexts[0] == tok.decode(ids)
