@@ -1,21 +1,25 @@
-"""UL2 training of the Qwen3 encoder-decoder, nanoGPT style.
+"""Training, nanoGPT style: UL2 on the Qwen3 encoder-decoder, or any objective that plugs in.
 
     python data/shakespeare_qwen3/prepare.py && python train.py config/tiny_shakespeare.py
     torchrun --nproc_per_node=8 train.py config/qwen3_encdec_0.6b.py
 
-The defaults are the globals below. A config file named on the command line is exec'd over
-them, then --key=value arguments override both (configurator.py). Under torchrun the
-processes split each iteration's micro-batches between them (ddp, zero1 or fsdp); the
-global batch, and so the losses, do not depend on the number of processes.
+The defaults are the globals below (and each objective's CONFIG). A config file named on the
+command line is exec'd over them, then --key=value arguments override both (configurator.py).
+
+An objective (ul2.py, causal.py, ...; the table OBJECTIVES) turns rows of the run's example
+stream into batches and a batch into (summed loss, count); this loop never branches on it. The
+loss is token-weighted over the whole global batch: gradients of the summed losses of every
+micro-step in every process, divided once by the global count. Under torchrun the processes split
+each iteration's micro-batches between them (ddp, zero1 or fsdp); the global batch, and so the
+losses, do not depend on batch_size x grad_accum x processes.
 """
+import importlib
 import json
 import math
 import os
-import queue
 import re
 import shutil
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -25,41 +29,41 @@ import torch
 import torch.distributed as dist
 
 import kernels
-import ul2 as ul2_lib
 from configurator import ConfigError, configure
+from data import DataError, Prefetcher
 from model import EncoderDecoder, Qwen3
 from model_config import ModelConfig, get_preset
-from shards import ShardDataset
 from tokenizer import IGNORE_INDEX, NUM_SENTINELS
-from vocab_trim import VocabTrim, objective_ids, used_ids
+from vocab_trim import VocabTrim, used_ids
+
+# objective name -> module (a file with `Objective` and `CONFIG`): a new objective is a file and a line here
+OBJECTIVES = {"ul2": "ul2", "causal": "causal"}
 
 _names_before_config = set(globals())
 # ---- run, checkpoints, logging
 out_dir = "out"
 init_from = "scratch"           # 'scratch' (model_preset), 'qwen3' (qwen3_path), 'resume' (latest checkpoint in out_dir)
-objective = "ul2"               # 'ul2': the encoder-decoder; 'causal': next-token pretraining of a decoder-only Qwen3
+objective = "ul2"               # a key of OBJECTIVES: 'ul2' (encoder-decoder), 'causal' (decoder-only Qwen3), ...
 model_preset = "tiny_encdec"    # a model_config.py preset, for init_from='scratch'
 model_overrides = {}            # ModelConfig fields replacing the preset's, e.g. {'hidden_size': 128}
 qwen3_path = ""                 # Hugging Face Qwen3 directory or hub name, for init_from='qwen3'
 max_iters = 1000
 log_interval = 10
 eval_interval = 250             # 0: never evaluate
-eval_iters = 20                 # micro-batches of batch_size per evaluation (split over the processes)
+eval_iters = 20                 # batches of batch_size per evaluation (split over the processes)
 ckpt_interval = 1000            # 0: only at the end
 keep_last = 3                   # checkpoints kept in out_dir
 max_bad_steps = 5               # non-finite losses in a row before the run stops
 wandb_log = False
 wandb_project = "qwen3-encdec"
 wandb_run_name = ""
-# ---- data and UL2
+# ---- data
 data_dir = "data/shakespeare_qwen3"
-batch_size = 8                  # examples per micro-step in each process
-grad_accum = 1                  # micro-steps per iteration over all processes: global batch = batch_size * grad_accum
-enc_len = 512
-dec_len = 512
-ul2_mixture = list(ul2_lib.DEFAULT_MIXTURE)  # (kind, mean_span, rate, weight) per denoiser
-ul2_end_mixture = []            # []: fixed mixture; else the weights reached after ul2_curriculum_iters
-ul2_curriculum_iters = 0
+batch_size = 8                  # rows per micro-step in each process
+grad_accum = 1                  # micro-steps per iteration over all processes: global batch = batch_size * grad_accum rows
+enc_len = 512                   # encoder positions per row
+dec_len = 512                   # decoder positions per row
+pack = True                     # several examples per row (segment ids), so nearly every position is a real token
 trim_vocab = False              # train only the embedding rows the shards use (vocab_trim.py); checkpoints stay full
 prefetch = 4                    # micro-batches built ahead by the background thread
 seed = 1337
@@ -74,12 +78,14 @@ beta2 = 0.95
 grad_clip = 1.0                 # 0: no clipping (the norm is still logged)
 # ---- system
 device = "auto"                 # 'auto' (CUDA when present), 'cpu', 'cuda'
-dtype = "auto"                  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
+dtype = "auto"                  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' (autocast)
 parallelism = "ddp"             # under torchrun: 'ddp', 'zero1' (ZeroRedundancyOptimizer) or 'fsdp' (FSDP2)
 compile = False                 # torch.compile each block
 activation_checkpointing = False
 use_triton = True               # fused Triton kernels where tensors are on CUDA (kernels.py)
 DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_config and not k.startswith("_")}
+for _module in OBJECTIVES.values():  # each objective's own keys (ul2_mixture, ...)
+    DEFAULTS.update(importlib.import_module(_module).CONFIG)
 
 CKPT_NAME = re.compile(r"ckpt-(\d{7})")
 # dense bf16 peak FLOP/s for MFU; the first name found in torch.cuda.get_device_name() wins
@@ -97,7 +103,7 @@ class Fail(Exception):
 
 def check_config(c, world):
     choices = {"init_from": ("scratch", "qwen3", "resume"), "parallelism": ("ddp", "zero1", "fsdp"),
-               "objective": ("ul2", "causal"),
+               "objective": tuple(OBJECTIVES),
                "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
@@ -139,17 +145,18 @@ def list_checkpoints(directory):
     return sorted(os.path.join(directory, n) for n in os.listdir(directory) if CKPT_NAME.fullmatch(n))
 
 
-def model_shape(c):
+def model_shape(c, model_type):
     """(ModelConfig, Qwen3 directory or checkpoint directory) without loading any weights."""
-    causal = c.objective == "causal"
+    decoder_only = model_type == "decoder"
     if c.init_from == "scratch":
         mcfg, source = get_preset(c.model_preset, **c.model_overrides), None
     elif c.init_from == "qwen3":
         source = find_qwen3(c.qwen3_path)
         mcfg = ModelConfig.from_hf(source)
-        if not causal:
+        if not decoder_only:
             mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "vocab_size": mcfg.vocab_size + NUM_SENTINELS,
-                                          "num_encoder_layers": mcfg.num_layers, "tie_embeddings": True})
+                                          "num_encoder_layers": mcfg.num_layers, "tie_embeddings": True,
+                                          **c.model_overrides})
     else:
         ckpts = list_checkpoints(c.out_dir)
         if not ckpts:
@@ -159,10 +166,10 @@ def model_shape(c):
         with open(os.path.join(source, "config.json")) as f:
             d = json.load(f)
         mcfg = ModelConfig.from_hf(d) if d.get("model_type") == "qwen3" else ModelConfig.from_dict(d)
-    if mcfg.is_encoder_decoder == causal:
-        raise Fail(f"objective='{c.objective}' trains {'a decoder-only' if causal else 'an encoder-decoder'} model, "
-                   f"but the model is {'an encoder-decoder' if causal else 'decoder-only'}; pick a matching "
-                   f"model_preset (e.g. {'tiny' if causal else 'tiny_encdec'}) or objective")
+    if mcfg.is_encoder_decoder == decoder_only:
+        raise Fail(f"objective='{c.objective}' trains {'a decoder-only' if decoder_only else 'an encoder-decoder'} "
+                   f"model, but the model is {'an encoder-decoder' if decoder_only else 'decoder-only'}; pick a "
+                   f"matching model_preset (e.g. {'tiny' if decoder_only else 'tiny_encdec'}) or objective")
     return mcfg, source
 
 
@@ -170,12 +177,14 @@ def blocks(raw):
     return [*(raw.encoder.layers if isinstance(raw, EncoderDecoder) else []), *raw.decoder.layers]
 
 
-def load_model(c, mcfg, source):
-    cls = Qwen3 if c.objective == "causal" else EncoderDecoder
+def load_model(c, mcfg, source, model_type):
+    cls = Qwen3 if model_type == "decoder" else EncoderDecoder
     if c.init_from == "scratch":
         return cls(mcfg)
     if c.init_from == "qwen3" and cls is EncoderDecoder:
-        return EncoderDecoder.from_qwen3(source)
+        model = EncoderDecoder.from_qwen3(source)
+        model.cfg = mcfg  # model_overrides such as enc_rope change no weights
+        return model
     return cls.from_pretrained(source)  # a Hugging Face Qwen3 dir, or one of our checkpoints
 
 
@@ -185,97 +194,15 @@ def check_out_dir(c):
                    "--init_from=resume, or pick a new --out_dir (or delete the old one)")
 
 
-# ---------------------------------------------------------------------------------------
-# data: disjoint random windows, UL2 batches built ahead on a background thread
-
-class WindowSampler:
-    """Example k of the run -> a window of `length` tokens.
-
-    Each epoch cuts every shard into non-overlapping slots at a random phase and visits the
-    slots in a random order, so no two examples of an epoch overlap, whichever process draws
-    them, and the data position is one integer (the examples drawn so far)."""
-
-    def __init__(self, data, length, seed, what):
-        self.data, self.length, self.seed = data, length, seed
-        # one slot of slack per shard leaves room for the random phase
-        counts = [max(len(s) // length - 1, 0) for s in data.shards]
-        self.first_slot = np.cumsum([0] + counts)
-        self.num_slots = int(self.first_slot[-1])
-        if self.num_slots == 0:
-            raise Fail(f"{what}: too few tokens for even one window of {length} (shards of "
-                       f"{[len(s) for s in data.shards]} tokens); use more data or shorter enc_len/dec_len")
-        self.epoch, self.phase, self.order = -1, 0, None
-
-    def windows(self, first, n):
-        out = np.empty((n, self.length), np.int64)
-        for i, k in enumerate(range(first, first + n)):
-            epoch, j = divmod(k, self.num_slots)
-            if epoch != self.epoch:
-                rng = np.random.default_rng([self.seed, epoch])
-                self.epoch, self.phase, self.order = epoch, int(rng.integers(self.length)), rng.permutation(self.num_slots)
-            slot = int(self.order[j])
-            shard = int(np.searchsorted(self.first_slot, slot, side="right")) - 1
-            start = self.phase + (slot - int(self.first_slot[shard])) * self.length
-            out[i] = self.data.window(shard, start, self.length)
-        return out
-
-
-class Prefetcher:
-    """Calls make(it, micro) for the coming micro-steps on a background thread (numpy releases
-    the GIL for most of the work), so the training step never waits for its batch."""
-
-    def __init__(self, make, first_iter, micro_steps, depth):
-        self.queue, self.stop = queue.Queue(maxsize=max(depth, 1)), threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(make, first_iter, micro_steps), daemon=True)
-        self.thread.start()
-
-    def _run(self, make, it, micro_steps):
-        try:
-            while not self.stop.is_set():
-                for a in range(micro_steps):
-                    item = make(it, a)
-                    while not self.stop.is_set():
-                        try:
-                            self.queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                it += 1
-        except BaseException as e:  # hand the error to the training loop
-            self.queue.put(e)
-
-    def next(self):
-        item = self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-
-def causal_batch(windows):
-    """Next-token prediction on windows of dec_len + 1 tokens."""
-    return {"idx": windows[:, :-1], "labels": windows[:, 1:], "denoiser": np.zeros(len(windows), np.int64)}
-
-
-def remap(batch, trim):
+def remap(batch, trim, id_keys):
     """Full ids -> the trimmed vocabulary's ids (a no-op without trimming)."""
     if trim is None:
         return batch
-    return {k: trim.to_compact(v) if k in ("idx", "enc_ids", "dec_ids", "labels") else v for k, v in batch.items()}
-
-
-def forward_loss(model, batch):
-    if "idx" in batch:
-        return model(batch["idx"], labels=batch["labels"])[1]
-    return model(batch["enc_ids"], batch["enc_mask"], batch["dec_ids"], labels=batch["labels"])[1]
+    return {k: trim.to_compact(v) if k in id_keys else v for k, v in batch.items()}
 
 
 def to_tensors(batch, pin):
-    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()
-           if k in ("idx", "enc_ids", "enc_mask", "dec_ids", "labels")}
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
@@ -287,8 +214,9 @@ def parallelize(model, c, world, dev, ptdtype):
         return model
     if c.parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if dev.type == "cuda" \
-            else MixedPrecisionPolicy()
+        # fp32 shards and gradients; the matmuls run under the same autocast as DDP's, so the residual stream
+        # (fp32) and every result match the other parallelisms (a bf16 param_dtype would make it bf16)
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for block in blocks(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # the root holds the tied embedding and the final norms
@@ -451,22 +379,21 @@ def read_checkpoint(path):
 
 
 # ---------------------------------------------------------------------------------------
-# evaluation: loss per denoiser on fixed validation batches
+# evaluation: token-weighted loss per group (per denoiser for UL2) on fixed validation batches
 
-def eval_batches(c, val_data, ul2, world, rank, trim):
-    """This process's share of the fixed validation set: per micro-batch, one sub-batch per
-    denoiser. Every process runs the same number of forwards (a sub-batch with no rows of a
-    denoiser becomes a dummy with every label ignored) so FSDP's collectives stay in step."""
-    window = c.dec_len + 1 if ul2 is None else ul2.window_len
-    sampler = WindowSampler(val_data, window, seed=0, what=f"{c.data_dir} val split")
-    fixed = None if ul2 is None else ul2_lib.UL2(c.enc_len, c.dec_len, ul2.mixture, seed=0)
+def eval_batches(c, obj, world, rank, trim):
+    """This process's share of the fixed validation set: per batch, one sub-batch per group. Every
+    process runs the same number of forwards (a sub-batch with no rows of a group becomes a dummy
+    whose labels are all ignored) so FSDP's collectives stay in step."""
     rounds = []
     for i in range(rank, math.ceil(c.eval_iters / world) * world, world):
-        windows = sampler.windows(i * c.batch_size, c.batch_size)
-        b = remap(causal_batch(windows) if ul2 is None else fixed.make_batch(windows, step=i), trim)
+        b = obj.eval_batch(i % max(c.eval_iters, 1), c.batch_size)
+        if b is None:
+            return []
+        b = remap(b, trim, obj.id_keys)
         subs = []
-        for d in range(1 if ul2 is None else len(ul2.mixture)):
-            rows = b["denoiser"] == d
+        for g in range(len(obj.groups)):
+            rows = b["group"] == g
             if i >= c.eval_iters or not rows.any():
                 sub = {k: v[:1] for k, v in b.items()}
                 sub["labels"] = np.full_like(sub["labels"], IGNORE_INDEX)
@@ -478,21 +405,19 @@ def eval_batches(c, val_data, ul2, world, rank, trim):
 
 
 @torch.no_grad()
-def evaluate(model, rounds, names, dev, autocast, world):
+def evaluate(model, obj, rounds, dev, autocast, world):
     model.eval()
-    sums = torch.zeros(2, len(names), dtype=torch.float64, device=dev)  # loss x tokens, tokens
+    sums = torch.zeros(2, len(obj.groups), dtype=torch.float64, device=dev)  # summed loss, count
     for subs in rounds:
-        for d, sub in enumerate(subs):
-            sub = {k: v.to(dev) for k, v in sub.items()}
+        for g, sub in enumerate(subs):
             with autocast:
-                loss = forward_loss(model, sub)
-            n = (sub["labels"] != IGNORE_INDEX).sum()
-            sums[0, d] += loss.double() * n
-            sums[1, d] += n
+                loss_sum, count = obj.loss(model, {k: v.to(dev) for k, v in sub.items()})
+            sums[0, g] += loss_sum.double()
+            sums[1, g] += count
     if world > 1:
         dist.all_reduce(sums)
     model.train()
-    per = {f"val/{name}": (s / n).item() for name, s, n in zip(names, sums[0], sums[1]) if n > 0}
+    per = {f"val/{name}": (s / n).item() for name, s, n in zip(obj.groups, sums[0], sums[1]) if n > 0}
     return {"val_loss": (sums[0].sum() / sums[1].sum().clamp(min=1)).item(), **per}
 
 
@@ -510,39 +435,22 @@ def main(argv):
         raise Fail("device='cuda' but torch sees no CUDA device; use --device=cpu")
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     dtype_name = c.dtype if c.dtype != "auto" else ("bfloat16" if use_cuda else "float32")
-    if dtype_name == "bfloat16" and not use_cuda:
-        raise Fail("dtype='bfloat16' is for CUDA (autocast); on CPU use --dtype=float32")
     ptdtype = getattr(torch, dtype_name)
     kernels.use_triton(c.use_triton)
 
     # everything that can fail on bad input fails here, before any weights load
+    Objective = importlib.import_module(OBJECTIVES[c.objective]).Objective
     try:
         check_out_dir(c)
-        mcfg, source = model_shape(c)
-        causal = c.objective == "causal"
-        ul2 = None if causal else ul2_lib.UL2(c.enc_len, c.dec_len, c.ul2_mixture, c.ul2_end_mixture or None,
-                                              c.ul2_curriculum_iters, seed=c.seed)
-        train_data = ShardDataset(c.data_dir, "train", vocab_size=mcfg.vocab_size)
-        val_data = ShardDataset(c.data_dir, "val", vocab_size=mcfg.vocab_size) if c.eval_interval else None
-    except (ValueError, OSError) as e:  # messages from model_config / ul2 / shards name the file or key
+        mcfg, source = model_shape(c, Objective.model_type)
+        obj = Objective(c, mcfg, rank, world)
+    except (ValueError, OSError) as e:  # messages from model_config / objectives / shards name the file or key
         raise Fail(str(e)) from None
-    data_vocab = train_data.meta.get("vocab_size")
-    # the tokenizer's vocabulary is Qwen3's plus the sentinels, which only the encoder-decoder has
-    model_vocab = mcfg.vocab_size + (NUM_SENTINELS if causal else 0)
-    if data_vocab != model_vocab:
-        raise Fail(f"{c.data_dir}/meta.json: vocab_size {data_vocab} does not match the model's {model_vocab}"
-                   f"{' (with sentinels)' if causal else ''}; prepare the shards with this project's tokenizer "
-                   "or pick a model with that vocabulary")
-    window = c.dec_len + 1 if causal else ul2.window_len
-    sampler = WindowSampler(train_data, window, seed=c.seed, what=f"{c.data_dir} train split")
     trim = None
-    if c.trim_vocab:  # both splits, whatever eval_interval says: resume must re-trim identically
-        try:
-            val_ids = val_data or ShardDataset(c.data_dir, "val", vocab_size=mcfg.vocab_size)
-        except (ValueError, OSError) as e:
-            raise Fail(str(e)) from None
-        kept = used_ids([train_data, val_ids], mcfg.vocab_size, objective_ids(encoder_decoder=not causal))
-        trim = VocabTrim(kept, mcfg.vocab_size)
+    if c.trim_vocab:
+        if not getattr(obj, "shard_sets", None):
+            raise Fail(f"trim_vocab=True needs token shards, and objective '{c.objective}' reads none; drop trim_vocab")
+        trim = VocabTrim(used_ids(obj.shard_sets, mcfg.vocab_size, obj.extra_ids), mcfg.vocab_size)
 
     if world > 1:
         if use_cuda:
@@ -551,7 +459,8 @@ def main(argv):
     torch.manual_seed(c.seed)  # identical initial weights in every process
     run = {"iter": 0, "examples": 0, "bad_steps": 0, "val_loss": None}
     try:
-        raw = load_model(c, mcfg, source)
+        raw = obj.load_init(source) if c.init_from == "qwen3" and hasattr(obj, "load_init") else None
+        raw = raw or load_model(c, mcfg, source, Objective.model_type)
         if c.init_from == "resume":
             saved, optim_state, rng = read_checkpoint(source)
             run.update({k: saved[k] for k in run})
@@ -571,24 +480,22 @@ def main(argv):
         torch.set_rng_state(rng.get(f"rng.torch.{rank}", rng["rng.torch.0"]))
         if use_cuda and f"rng.cuda.{rank}" in rng:
             torch.cuda.set_rng_state(rng[f"rng.cuda.{rank}"])
-    autocast = torch.autocast("cuda", dtype=ptdtype) if use_cuda and ptdtype != torch.float32 \
-        and not _sharded(c, world) else nullcontext()  # FSDP casts through its mixed-precision policy
+    # one rule for every parallelism: fp32 weights, matmuls in the autocast dtype (so FSDP and DDP compute alike)
+    autocast = torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 
     micro_steps = c.grad_accum // world
     global_batch = c.batch_size * c.grad_accum
     iter0, examples0 = run["iter"], run["examples"]
+    real = getattr(obj, "real_tokens", None)
 
     def make(it, a):
         g = rank * micro_steps + a  # this micro-batch's index within the global batch
         first = examples0 + (it - iter0) * global_batch + g * c.batch_size
-        windows = sampler.windows(first, c.batch_size)
-        batch = causal_batch(windows) if causal else ul2.make_batch(windows, step=it, rank=g)
-        return to_tensors(remap(batch, trim), pin=use_cuda)
+        batch = obj.train_batch(it, first, c.batch_size)
+        tokens = real(batch) if real else (0, 0, 0)
+        return to_tensors(remap(batch, trim, obj.id_keys), pin=use_cuda), tokens
 
-    rounds = eval_batches(c, val_data, ul2, world, rank, trim) if c.eval_interval else []
-    eval_names = ["causal"] if causal else ul2.denoiser_names
-    enc_tokens = 0 if causal else c.enc_len
-    flops_per_iter = mcfg.flops_per_example(enc_tokens, c.dec_len) * global_batch
+    rounds = eval_batches(c, obj, world, rank, trim) if c.eval_interval else []
     peak = next((f for n, f in GPU_PEAK_FLOPS if n in torch.cuda.get_device_name(dev)), None) if use_cuda else None
 
     log_file, wandb = None, None
@@ -602,9 +509,10 @@ def main(argv):
             except ImportError:
                 print("warning: wandb_log=True but wandb is not installed; logging to log.jsonl only")
         n = mcfg.num_params()
-        print(f"model {n['total'] / 1e6:.1f}M params ({n['non_embedding'] / 1e6:.1f}M non-embedding), "
-              f"{world} process(es){' ' + c.parallelism if world > 1 else ''} on {dev} {dtype_name}, global batch "
-              f"{global_batch} x (enc {enc_tokens} + dec {c.dec_len}), window {window}, from iter {iter0}"
+        print(f"model {n['total'] / 1e6:.1f}M params ({n['non_embedding'] / 1e6:.1f}M non-embedding), objective "
+              f"{c.objective}, {world} process(es){' ' + c.parallelism if world > 1 else ''} on {dev} {dtype_name}, "
+              f"global batch {global_batch} rows x (enc {c.enc_len if mcfg.is_encoder_decoder else 0} + dec "
+              f"{c.dec_len}){' packed' if c.pack else ''}, from iter {iter0}"
               + (f", vocabulary trimmed to {len(trim):,} rows" if trim is not None else ""))
 
     def log(record, line):
@@ -617,11 +525,11 @@ def main(argv):
 
     prefetcher = Prefetcher(make, iter0, micro_steps, c.prefetch)
     t_start = t_log = time.time()
-    iters_logged = 0
+    iters_logged, tokens_logged, flops_logged = 0, 0, 0.0
     try:
         for it in range(iter0, c.max_iters + 1):
-            if c.eval_interval and (it % c.eval_interval == 0 or it == c.max_iters):
-                ev = evaluate(model, rounds, eval_names, dev, autocast, world)
+            if c.eval_interval and (it % c.eval_interval == 0 or it == c.max_iters) and rounds:
+                ev = evaluate(model, obj, rounds, dev, autocast, world)
                 run["val_loss"] = ev["val_loss"]
                 log({"iter": it, **ev}, f"iter {it}: val loss {ev['val_loss']:.4f} (" +
                     ", ".join(f"{k[4:]} {v:.3f}" for k, v in ev.items() if k.startswith("val/")) + ")")
@@ -630,24 +538,33 @@ def main(argv):
             if it == c.max_iters:
                 break
 
-            # one optimisation step over grad_accum micro-batches, split between the processes
+            # one optimisation step over grad_accum micro-batches, split between the processes:
+            # summed losses backward, then the gradients divided once by the global count
             lr = get_lr(it, c)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=dev)
+            totals = torch.zeros(5, dtype=torch.float64, device=dev)  # loss sum, count, enc/dec tokens, examples
             for a in range(micro_steps):
-                batch = {k: v.to(dev, non_blocking=True) for k, v in prefetcher.next().items()}
+                batch, tokens = prefetcher.next()
+                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
                 last = a == micro_steps - 1
                 if _sharded(c, world):
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if world > 1 and not last and not _sharded(c, world) else nullcontext()
                 with sync, autocast:
-                    loss = forward_loss(model, batch)
-                    (loss / micro_steps).backward()
-                loss_sum += loss.detach().float()
+                    loss_sum, count = obj.loss(model, batch)
+                    loss_sum.backward()
+                totals += torch.tensor([0, 0, *tokens], dtype=torch.float64, device=dev)
+                totals[0] += loss_sum.detach().double()
+                totals[1] += count
             if world > 1:
-                dist.all_reduce(loss_sum)
-            loss_value = loss_sum.item() / c.grad_accum
+                dist.all_reduce(totals)
+            loss_value = (totals[0] / totals[1].clamp(min=1)).item()
+            # DDP and FSDP average gradients over processes: undo that, then divide by the global count
+            scale = world / max(totals[1].item(), 1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or float("inf"))
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if math.isfinite(loss_value) and math.isfinite(norm):
@@ -664,19 +581,22 @@ def main(argv):
             opt.zero_grad(set_to_none=True)
             run["iter"], run["examples"] = it + 1, run["examples"] + global_batch
 
+            enc_t, dec_t, examples = totals[2:].tolist()
             iters_logged += 1
+            tokens_logged += enc_t + dec_t
+            flops_logged += examples and examples * mcfg.flops_per_example(enc_t / examples, dec_t / examples)
             if (it + 1) % c.log_interval == 0 or it + 1 == c.max_iters:
                 now = time.time()
                 dt = (now - t_log) / iters_logged
-                tok_s = global_batch * (enc_tokens + c.dec_len) / dt
-                mfu = flops_per_iter / dt / (peak * world) if peak else None
+                tok_s = tokens_logged / (now - t_log)  # real tokens only: padding is not counted
+                mfu = flops_logged / (now - t_log) / (peak * world) if peak else None
                 eta = (c.max_iters - it - 1) * (now - t_start) / (it + 1 - iter0)
                 log({"iter": it + 1, "loss": loss_value, "lr": lr, "grad_norm": norm, "tok_per_s": tok_s,
                      "mfu": mfu, "dt": dt, "time": now - t_start},
                     f"iter {it + 1}/{c.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm:.3f}, "
                     f"{tok_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, "
                     f"{1000 * dt:.0f} ms/iter, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-                t_log, iters_logged = now, 0
+                t_log, iters_logged, tokens_logged, flops_logged = now, 0, 0, 0.0
     finally:
         prefetcher.close()
         if log_file is not None:
@@ -687,7 +607,7 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except Fail as e:
+    except (Fail, DataError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)

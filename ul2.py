@@ -42,6 +42,7 @@ DEFAULT_MIXTURE = [
 ]
 # the tokenizer emits no id at or above the first mode token: mode, unused and sentinel rows
 FIRST_NON_TEXT_ID = min(MODE_IDS.values())
+MIN_EXAMPLE = 16  # shortest source text a packed example is cut to; shorter draws are skipped
 
 
 def denoiser_name(kind, mean_span, rate):
@@ -188,6 +189,14 @@ class UL2:
                 raise ValueError("ul2.py: end_mixture must list the same denoisers as mixture, in the same order")
             self.end_weights = np.array([d[3] for d in end]) / sum(d[3] for d in end)
         self.window_len = self.fit_window()
+        # encoder and target tokens per source token of each denoiser's typical example (packing plans with them)
+        self.shares = []
+        for kind, span, rate, _ in self.mixture:
+            e, d = max_lengths(self.window_len, kind, span, rate)
+            if kind == "S":
+                prefix = sum(prefix_range(self.window_len, rate)) // 2
+                e, d = 1 + prefix, self.window_len - prefix + 1
+            self.shares.append((e / self.window_len, d / self.window_len))
 
     def fit_window(self):
         """Longest window from which every denoiser's input fits enc_len and its target fits dec_len.
@@ -213,16 +222,124 @@ class UL2:
         return (1 - t) * self.start_weights + t * self.end_weights
 
     def make_batch(self, windows, step, rank=0):
-        windows = np.asarray(windows)
-        if windows.ndim != 2 or windows.shape[1] != self.window_len:
+        """One example per row, padded: windows [B, window_len] -> enc/dec arrays (see INTERFACES.md).
+        Validation uses these: every row is one denoiser, so losses split per denoiser."""
+        windows = self._check(windows)
+        if windows.shape[1] != self.window_len:
             raise ValueError(f"ul2.make_batch: windows must be [batch, {self.window_len}], got {list(windows.shape)}")
-        if windows.size and (windows.min() < 0 or windows.max() >= FIRST_NON_TEXT_ID):
-            raise ValueError(f"ul2.make_batch: windows hold ids outside text (0..{FIRST_NON_TEXT_ID - 1}); "
-                             "mode/sentinel ids must not come from the data, regenerate the shards with tokenizer.py")
-        windows = windows.astype(np.int64)
-        batch, length = windows.shape
         rng = np.random.default_rng([self.seed, rank, step])
-        denoiser = rng.choice(len(self.mixture), size=batch, p=self.weights_at(step))
+        denoiser = rng.choice(len(self.mixture), size=len(windows), p=self.weights_at(step))
+        enc_ids, enc_lens, labels = self._corrupt(windows, denoiser, rng)
+        enc_mask = np.arange(self.enc_len) < enc_lens[:, None]
+        return {"enc_ids": enc_ids, "enc_mask": enc_mask, "dec_ids": decoder_input(labels), "labels": labels,
+                "denoiser": denoiser.astype(np.int64)}
+
+    def make_packed(self, windows, step, rows):
+        """Several examples per row, so nearly every computed position is a real token.
+
+        windows [n, enc_len + dec_len]: one window of source text per row (rows = the global indices of the
+        rows, which seed them: the same rows come out however a global batch is split). Each row is filled
+        from its window's text, front to back, with examples whose denoisers are drawn from the mixture in
+        order; each example takes up to window_len source tokens, fewer when that is what still fits on
+        both sides (every source token lands in the input or the target, so the window always suffices).
+        A draw that cannot fit even MIN_EXAMPLE tokens is skipped, so a row mixes encoder-heavy (R, X at
+        low rates) and decoder-heavy (S) examples until both sides are full.
+
+        Returns enc_ids, enc_seg, dec_ids, dec_seg, labels ([n, enc_len] / [n, dec_len]; seg 0 = padding,
+        k = the k-th example of the row) and denoiser [n, dec_len] (the denoiser of each target token, -1 on
+        padding), so per-denoiser token counts stay measurable."""
+        windows = self._check(windows)
+        n = len(windows)
+        enc_ids = np.full((n, self.enc_len), PAD_ID, np.int64)
+        enc_seg = np.zeros((n, self.enc_len), np.int64)
+        labels = np.full((n, self.dec_len), IGNORE_INDEX, np.int64)
+        dec_seg = np.zeros((n, self.dec_len), np.int64)
+        denoiser = np.full((n, self.dec_len), -1, np.int64)
+        weights = self.weights_at(step)
+        max_draws = (self.enc_len + self.dec_len) // MIN_EXAMPLE + 1
+        for i, row in enumerate(rows):
+            rng = np.random.default_rng([self.seed, int(row), 1])
+            draws = rng.choice(len(self.mixture), size=max_draws, p=weights)
+            e = d = used = k = 0
+            for j, den in enumerate(draws):
+                room = (self.enc_len - e, self.dec_len - d, windows.shape[1] - used)
+                if self.mixture[den][0] == "S":
+                    # the split of a prefix-LM example is random anyway; in a packed row it is drawn from the
+                    # part of its usual range that fits, centred where it leaves the room in the proportions
+                    # the next draw uses: S examples, half the mixture, are what balances the two sides
+                    length, bounds = self._fit_prefix_lm(den, *room)
+                    if length < MIN_EXAMPLE:
+                        continue
+                    a, b = self.shares[draws[j + 1] if j + 1 < len(draws) else den]
+                    aim = ((room[0] - 1) * b - (room[1] - length - 1) * a) / (a + b)
+                    spread = max((bounds[1] - bounds[0]) // 8, 0)
+                    centre = int(min(max(aim, bounds[0] + spread), bounds[1] - spread))
+                    bounds = (centre - spread, centre + spread)
+                    ids, lens, lab = self._corrupt(windows[i:i + 1, used:used + length], np.array([den]), rng, bounds)
+                    enc, tgt = ids[0, :lens[0]], lab[0][lab[0] != IGNORE_INDEX]
+                else:
+                    plan = self._plan(den, draws[j + 1] if j + 1 < len(draws) else den, room)
+                    length = min(plan, self._fit(den, *room))
+                    if length < MIN_EXAMPLE:
+                        continue
+                    ids, lens, lab = self._corrupt(windows[i:i + 1, used:used + length], np.array([den]), rng)
+                    enc, tgt = ids[0, :lens[0]], lab[0][lab[0] != IGNORE_INDEX]
+                k += 1
+                enc_ids[i, e:e + len(enc)], enc_seg[i, e:e + len(enc)] = enc, k
+                labels[i, d:d + len(tgt)], dec_seg[i, d:d + len(tgt)], denoiser[i, d:d + len(tgt)] = tgt, k, den
+                e, d, used = e + len(enc), d + len(tgt), used + length
+                if min(self.enc_len - e, self.dec_len - d) < 4:
+                    break
+        return {"enc_ids": enc_ids, "enc_seg": enc_seg, "dec_ids": decoder_input(labels, dec_seg), "dec_seg": dec_seg,
+                "labels": labels, "denoiser": denoiser}
+
+    def _plan(self, den, next_den, room):
+        """Source length for this example that leaves the room in the proportions the next example uses,
+        so that the next one can fill both sides (a two-example plan; no draw is skipped or reordered)."""
+        (a1, b1), (a2, b2) = self.shares[den], self.shares[next_den]
+        det = a1 * b2 - b1 * a2
+        if abs(det) < 1e-9:
+            return self.window_len
+        length = (room[0] * b2 - room[1] * a2) / det
+        return self.window_len if length <= 0 else max(int(length), MIN_EXAMPLE)
+
+    def _fit_prefix_lm(self, den, enc_room, dec_room, text_left):
+        """Longest source length of an S example for which some split of its usual range fits the room
+        (input 1 + prefix <= enc_room, target length - prefix + 1 <= dec_room), and that split range."""
+        rate = self.mixture[den][2]
+        for length in range(min(self.window_len, text_left, enc_room + dec_room - 2), MIN_EXAMPLE - 1, -1):
+            lo, hi = prefix_range(length, rate)
+            lo, hi = max(lo, length + 1 - dec_room), min(hi, enc_room - 1)
+            if lo <= hi:
+                return length, (lo, hi)
+        return 0, None
+
+    def _fit(self, den, enc_room, dec_room, text_left):
+        """Longest source length (<= window_len, <= the text left) whose worst case fits the room left."""
+        kind, span, rate, _ = self.mixture[den]
+        lo, hi = 0, min(self.window_len, text_left)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            e, d = max_lengths(mid, kind, span, rate) if mid >= 2 else (mid + 1, mid + 1)
+            if e <= enc_room and d <= dec_room:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _check(self, windows):
+        windows = np.asarray(windows)
+        if windows.ndim != 2:
+            raise ValueError(f"ul2: windows must be [batch, length], got {list(windows.shape)}")
+        if windows.size and (windows.min() < 0 or windows.max() >= FIRST_NON_TEXT_ID):
+            raise ValueError(f"ul2: windows hold ids outside text (0..{FIRST_NON_TEXT_ID - 1}); "
+                             "mode/sentinel ids must not come from the data, regenerate the shards with tokenizer.py")
+        return windows.astype(np.int64)
+
+    def _corrupt(self, windows, denoiser, rng, prefix_bounds=None):
+        """Encoder inputs (mode token first, padded to enc_len), their lengths, and targets (EOS last, padded
+        with IGNORE_INDEX to dec_len) for windows [B, L] under the given denoisers."""
+        batch, length = windows.shape
         enc_ids = np.full((batch, self.enc_len), PAD_ID, np.int64)
         enc_lens = np.zeros(batch, np.int64)
         labels = np.full((batch, self.dec_len), IGNORE_INDEX, np.int64)
@@ -234,6 +351,8 @@ class UL2:
             enc_ids[rows, 0] = MODE_IDS[kind]
             if kind == "S":
                 lo, hi = prefix_range(length, rate)
+                if prefix_bounds is not None:  # a packed row's room narrows the split's range
+                    lo, hi = max(lo, prefix_bounds[0]), min(hi, prefix_bounds[1])
                 prefix = rng.integers(lo, hi + 1, size=rows.size)
                 cols = np.arange(hi)
                 enc_ids[rows, 1 : 1 + hi] = np.where(cols < prefix[:, None], windows[rows, :hi], PAD_ID)
@@ -254,10 +373,74 @@ class UL2:
                 enc_lens[sub] = 1 + body.shape[1]
                 labels[sub, : target.shape[1]] = target
                 labels[sub, target.shape[1]] = EOS_ID
+        return enc_ids, enc_lens, labels
 
-        enc_mask = np.arange(self.enc_len) < enc_lens[:, None]
-        dec_ids = np.empty_like(labels)
-        dec_ids[:, 0] = DECODER_START_ID
-        dec_ids[:, 1:] = np.where(labels[:, :-1] == IGNORE_INDEX, PAD_ID, labels[:, :-1])
-        return {"enc_ids": enc_ids, "enc_mask": enc_mask, "dec_ids": dec_ids, "labels": labels,
-                "denoiser": denoiser.astype(np.int64)}
+
+def decoder_input(labels, dec_seg=None):
+    """The decoder reads DECODER_START_ID, then the target shifted right, restarting in every segment."""
+    dec_ids = np.empty_like(labels)
+    dec_ids[:, 0] = DECODER_START_ID
+    dec_ids[:, 1:] = np.where(labels[:, :-1] == IGNORE_INDEX, PAD_ID, labels[:, :-1])
+    if dec_seg is not None:
+        starts = np.zeros_like(dec_seg, dtype=bool)
+        starts[:, 1:] = (dec_seg[:, 1:] != dec_seg[:, :-1]) & (dec_seg[:, 1:] > 0)
+        dec_ids[starts] = DECODER_START_ID
+    return dec_ids
+
+
+# ---------------------------------------------------------------------------------------
+# the training objective (train.py's interface: see INTERFACES.md)
+
+CONFIG = {
+    "ul2_mixture": list(DEFAULT_MIXTURE),  # (kind, mean_span, rate, weight) per denoiser
+    "ul2_end_mixture": [],                 # []: fixed mixture; else the weights reached after ul2_curriculum_iters
+    "ul2_curriculum_iters": 0,
+}
+
+
+class Objective:
+    """UL2 on the encoder-decoder: rows of token windows -> packed (or one-example) rows -> summed CE."""
+    model_type = "encdec"
+    id_keys = ("enc_ids", "dec_ids", "labels")
+
+    def __init__(self, c, model_cfg, rank=0, world=1):
+        from data import WindowSampler, open_shards
+        from vocab_trim import objective_ids
+        self.ul2 = UL2(c.enc_len, c.dec_len, c.ul2_mixture, c.ul2_end_mixture or None, c.ul2_curriculum_iters,
+                       seed=c.seed)
+        self.fixed = UL2(c.enc_len, c.dec_len, self.ul2.mixture, seed=0)  # validation: the same batches every time
+        self.pack, self.groups = c.pack, self.ul2.denoiser_names
+        self.extra_ids = objective_ids(encoder_decoder=True)
+        train = open_shards(c, model_cfg, "train", with_sentinels=True)
+        val = open_shards(c, model_cfg, "val", with_sentinels=True) if c.eval_interval or c.trim_vocab else None
+        self.shard_sets = [s for s in (train, val) if s is not None]
+        # a packed row is cut from one window of enc_len + dec_len tokens (each source token lands on one side)
+        self.sampler = WindowSampler(train, c.enc_len + c.dec_len if self.pack else self.ul2.window_len, c.seed,
+                                     f"{c.data_dir} train split")
+        self.val_sampler = WindowSampler(val, self.ul2.window_len, 0, f"{c.data_dir} val split") if val else None
+
+    def train_batch(self, step, first, rows):
+        windows = self.sampler.windows(first, rows)
+        if self.pack:
+            return self.ul2.make_packed(windows, step, range(first, first + rows))
+        # one example per row, each row seeded by its own index: the same rows however the batch is split
+        parts = [self.ul2.make_batch(windows[i:i + 1], step, rank=first + i) for i in range(rows)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def eval_batch(self, index, rows):
+        if self.val_sampler is None:
+            return None
+        b = self.fixed.make_batch(self.val_sampler.windows(index * rows, rows), step=index)
+        b["group"] = b.pop("denoiser")
+        return b
+
+    def real_tokens(self, b):
+        """(encoder tokens, decoder tokens, examples) that are not padding."""
+        if "enc_seg" in b:
+            return int((b["enc_seg"] > 0).sum()), int((b["dec_seg"] > 0).sum()), int(b["enc_seg"].max(1).sum())
+        return int(b["enc_mask"].sum()), int((b["labels"] != IGNORE_INDEX).sum()), len(b["labels"])
+
+    def loss(self, model, b):
+        _, loss_sum = model(b["enc_ids"], b.get("enc_mask"), b["dec_ids"], labels=b["labels"],
+                            enc_seg=b.get("enc_seg"), dec_seg=b.get("dec_seg"), reduction="sum")
+        return loss_sum, (b["labels"] != IGNORE_INDEX).sum()

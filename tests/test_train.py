@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import shards
 import train
 from conftest import ROOT
@@ -117,13 +118,15 @@ def test_init_from_qwen3_first_loss_equals_direct_computation(tmp_path, data_dir
     out = tmp_path / "out"
     run(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=qwen3", f"--qwen3_path={hf_qwen3_dir}",
         "--max_iters=2", "--grad_accum=1")
-    # the same first batch (example 0.., step 0, micro-batch 0), through a model converted directly
+    # the same first rows (rows 0 and 1, step 0: packed windows of enc_len + dec_len), through a model
+    # converted directly
     ul2 = UL2(48, 32, train.DEFAULTS["ul2_mixture"], seed=7)
-    windows = train.WindowSampler(shards.ShardDataset(data_dir, "train"), ul2.window_len, seed=7, what="").windows(0, 2)
-    b = {k: torch.from_numpy(v) for k, v in ul2.make_batch(windows, step=0, rank=0).items()}
+    windows = data.WindowSampler(shards.ShardDataset(data_dir, "train"), 48 + 32, seed=7, what="").windows(0, 2)
+    b = {k: torch.from_numpy(v) for k, v in ul2.make_packed(windows, 0, [0, 1]).items()}
     model = EncoderDecoder.from_qwen3(hf_qwen3_dir)
     with torch.no_grad():
-        _, direct = model(b["enc_ids"], b["enc_mask"], b["dec_ids"], labels=b["labels"])
+        _, direct = model(b["enc_ids"], None, b["dec_ids"], labels=b["labels"], enc_seg=b["enc_seg"],
+                          dec_seg=b["dec_seg"])
     assert losses(out)[1] == pytest.approx(direct.item(), abs=1e-6)
     assert losses(out)[2] < losses(out)[1]  # and it trains
     assert EncoderDecoder.from_pretrained(str(out / "ckpt-0000002")).cfg.vocab_size == VOCAB_SIZE
@@ -143,13 +146,16 @@ def test_causal_objective_trains_a_qwen3_that_transformers_loads(tmp_path, data_
     torch.manual_seed(7)
     model = Qwen3(get_preset("tiny"))
     initial = model.embed.weight.detach().clone()
+    import data as data_lib
     data = [shards.ShardDataset(data_dir, s) for s in ("train", "val")]
     trim = VocabTrim(used_ids(data, 151936, objective_ids(False)), 151936)
     trim.shrink(model)
-    windows = train.WindowSampler(data[0], 33, seed=7, what="").windows(0, 2)
-    b = {k: torch.from_numpy(v) for k, v in train.remap(train.causal_batch(windows), trim).items()}
+    windows = data_lib.WindowSampler(data[0], 33, seed=7, what="").windows(0, 2)
+    idx, labels = trim.to_compact(windows[:, :-1]), trim.to_compact(windows[:, 1:])
+    # packed documents: a segment opens at every end-of-text, positions restart there
+    seg = 1 + np.cumsum(windows[:, :-1] == EOS_ID, axis=1) - (windows[:, :1] == EOS_ID)
     with torch.no_grad():
-        _, direct = model(b["idx"], labels=b["labels"])
+        _, direct = model(torch.from_numpy(idx), labels=torch.from_numpy(labels), seg=torch.from_numpy(seg))
     assert losses(out)[1] == pytest.approx(direct.item(), abs=1e-6)
     assert losses(out)[3] < losses(out)[1]
     ckpt = str(out / "ckpt-0000003")
@@ -209,7 +215,7 @@ def test_windows_of_an_epoch_never_overlap(data_dir):
     ds = shards.ShardDataset(data_dir, "train")
     assert len(ds.shards) > 1
     length = 37
-    sampler = train.WindowSampler(ds, length, seed=3, what="")
+    sampler = data.WindowSampler(ds, length, seed=3, what="")
     spans = []
     for k in range(sampler.num_slots):  # one epoch, drawn one example at a time as processes would
         sampler.windows(k, 1)
