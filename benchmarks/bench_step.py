@@ -65,17 +65,22 @@ def our_config(args, encoder_layers):
                        max_seq_len=4096, tie_embeddings=True)
 
 
-def qwen3_pair(args, tokens):
+def hf_qwen3_model(cfg):
+    """transformers' Qwen3ForCausalLM with our config's shapes (sdpa attention)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    cfg = our_config(args, 0)
-    ours = Qwen3(cfg)
     hf_cfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                          num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                          head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                         tie_word_embeddings=True, use_cache=False)
-    theirs = Qwen3ForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+                         tie_word_embeddings=cfg.tie_embeddings, use_cache=False)
+    return Qwen3ForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+
+
+def qwen3_pair(args, tokens):
+    cfg = our_config(args, 0)
+    ours = Qwen3(cfg)
+    theirs = hf_qwen3_model(cfg)
     # same weights, so the two losses must agree: the benchmark checks that it compares like with like
     missing, unexpected = theirs.load_state_dict({to_hf_name(k): v for k, v in ours.state_dict().items()},
                                                  strict=False)
@@ -204,21 +209,24 @@ def bench_pair(title, pair, tokens_per_step, args):
 # ---------------------------------------------------------------------------------------
 # --ul2: real UL2 batches of the default mixture, ours as train.py feeds it, T5Gemma2 padded
 
-def ul2_batches(args):
-    """args.steps + 1 micro-batches (the first one warms up) of the default UL2 mixture, in the layout our
-    model trains on: {enc_ids, enc_seg, dec_ids, dec_seg, labels} with segment ids (0 = padding, k = the k-th
-    example of a row). Windows are random text ids: a step's cost does not depend on which ids they are."""
-    u = ul2_lib.UL2(args.enc_len, args.dec_len, seed=0)
-    rng = np.random.default_rng(0)
+def ul2_batches(enc_len, dec_len, rows, count, seed=0):
+    """`count` micro-batches of the default UL2 mixture in the layout our model trains on: {enc_ids, enc_seg,
+    dec_ids, dec_seg, labels} with segment ids (0 = padding, k = the k-th example of a row), packed as
+    train.py packs them (ul2.UL2.make_packed), or one padded example per row where ul2.py does not pack.
+    Windows are random text ids: a step's cost does not depend on which ids they are."""
+    u = ul2_lib.UL2(enc_len, dec_len, seed=seed)
+    rng = np.random.default_rng(seed)
+    keys = ("enc_ids", "enc_seg", "dec_ids", "dec_seg", "labels")
     out = []
-    for step in range(args.steps + 1):
-        windows = rng.integers(0, EOS_ID, (args.batch, u.window_len))
-        b = u.make_batch(windows, step=step)
-        # one example per row, padded to enc_len / dec_len: segment 1 where the row is real
-        b["enc_seg"] = b["enc_mask"].astype(np.int64)
-        b["dec_seg"] = (b["labels"] != IGNORE_INDEX).astype(np.int64)
-        out.append({k: torch.from_numpy(np.ascontiguousarray(b[k]))
-                    for k in ("enc_ids", "enc_seg", "dec_ids", "dec_seg", "labels")})
+    for step in range(count):
+        if hasattr(u, "make_packed"):
+            windows = rng.integers(0, EOS_ID, (rows, enc_len + dec_len))
+            b = u.make_packed(windows, step=step, rows=range(step * rows, (step + 1) * rows))
+        else:
+            b = u.make_batch(rng.integers(0, EOS_ID, (rows, u.window_len)), step=step)
+            b["enc_seg"] = b["enc_mask"].astype(np.int64)
+            b["dec_seg"] = (b["labels"] != IGNORE_INDEX).astype(np.int64)
+        out.append({k: torch.from_numpy(np.ascontiguousarray(b[k])) for k in keys})
     return out
 
 
@@ -259,7 +267,7 @@ def positions(batch):
 
 
 def our_ul2_loss(model, b):
-    return model(b["enc_ids"], b["enc_seg"] > 0, b["dec_ids"], labels=b["labels"])[1]
+    return model(b["enc_ids"], None, b["dec_ids"], labels=b["labels"], enc_seg=b["enc_seg"], dec_seg=b["dec_seg"])[1]
 
 
 def hf_ul2_loss(model, b):
@@ -277,7 +285,7 @@ def ul2_models(args, which):
 def ul2_memory(args, which):
     """In a fresh process (--ul2-child): the peak memory of one model over the benchmark's batches,
     parameters and AdamW state counted exactly plus the resident-set rise of each step."""
-    batches = ul2_batches(args)
+    batches = ul2_batches(args.enc_len, args.dec_len, args.batch, args.steps + 1)
     model, pad = ul2_models(args, which)
     if which == "ours":
         step, inputs = make_step(model, our_ul2_loss), batches
@@ -298,7 +306,7 @@ def child_peak(which):
 
 
 def bench_ul2(args):
-    batches = ul2_batches(args)
+    batches = ul2_batches(args.enc_len, args.dec_len, args.batch, args.steps + 1)
     ours, _ = ul2_models(args, "ours")
     theirs, pad = ul2_models(args, "hf")
     hf_batches = [padded_batch(segments(b), pad) for b in batches]
