@@ -152,6 +152,13 @@ def get_preset(name, **overrides):
 if __name__ == "__main__":
     # python model_config.py qwen3_encdec_0.6b  -> parameter counts
     import sys
-    for name in sys.argv[1:] or sorted(PRESETS):
+    names = sys.argv[1:] or sorted(PRESETS)
+    if {"-h", "--help"} & set(names):
+        print(f"usage: python model_config.py [PRESET ...]  (parameter counts; presets: {', '.join(sorted(PRESETS))})")
+        sys.exit(0)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:  # one line, not a traceback
+        sys.exit(f"model_config.py: unknown preset {unknown[0]!r}; choose from {', '.join(sorted(PRESETS))}")
+    for name in names:
         counts = get_preset(name).num_params()
         print(f"{name:20s} " + "  ".join(f"{k}={v / 1e6:,.1f}M" for k, v in counts.items()))
