@@ -146,16 +146,25 @@ def weighted_ce(hidden, weight, labels, token_weights, smoothing=0.0, chunk_rows
     return total
 
 
+def _sharded(model):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _plain_qwen3(model):
     """The model itself when it is our Qwen3 (or alike) and unwrapped: then the loss runs the hidden states
-    and the head on scored positions only. DDP / FSDP wrappers must be called through forward()."""
-    return model if hasattr(model, "hidden") and hasattr(model, "head_weight") else None
+    and the head on scored positions only. DDP and FSDP must be called through forward(): DDP prepares its
+    gradient reduction there, and FSDP gathers the root's parameters (the embedding) in its forward hook."""
+    ok = hasattr(model, "hidden") and hasattr(model, "head_weight") and not _sharded(model)
+    return model if ok else None
 
 
 def model_logits(model, ids, attention_mask=None, attn_mask=None):
     """Full logits [B, T, V] of the bidirectional model (our Qwen3, a wrapper of it, or a toy callable)."""
-    if _plain_qwen3(model) is not None or hasattr(getattr(model, "module", None), "hidden") \
-            or type(model).__name__.startswith("FSDP"):
+    if hasattr(model, "hidden") or hasattr(getattr(model, "module", None), "hidden"):
         return model(ids, attention_mask=attention_mask, attn="bidirectional", attn_mask=attn_mask)[0]
     return model(ids, attention_mask if attn_mask is None else attn_mask)
 

@@ -1,8 +1,11 @@
-"""Look at what an encoder-decoder learned: span infilling (R/X modes) and continuation (S mode).
+"""Look at what an encoder-decoder learned: span infilling (R/X modes) and continuation (S mode); or what a
+masked-diffusion Qwen3 writes (--mode diffusion, diffusion.generate).
 
     python sample.py --ckpt out/ckpt-0001000 --prompt "The <extra_id_0> sat on the <extra_id_1>."
     python sample.py --ckpt out --mode S --prompt "ROMEO:" --temperature 0.8 --top_k 200
     python sample.py --ckpt /path/to/Qwen3-0.6B --prompt_file prompts.txt --num_samples 3 --temperature 1
+    python sample.py --ckpt out-diffusion --mode diffusion --chat --prompt "Who wrote Hamlet?" --steps 64 \
+        --max_new_tokens 64 --block_length 32 --threshold 0.9 --cache prefix
 
 Infilling: the encoder reads <|ul2_R|> + the prompt with its sentinels; the decoder writes
 <extra_id_0> span <extra_id_1> span ... <|endoftext|>, and each sentinel of the prompt is replaced by
@@ -173,7 +176,19 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="checkpoint dir, training out_dir (newest ckpt-*) or Qwen3 HF dir")
     p.add_argument("--prompt", help="one prompt; <extra_id_N> marks a span to fill")
     p.add_argument("--prompt_file", help="a UTF-8 file with one prompt per line (blank lines skipped)")
-    p.add_argument("--mode", default="R", choices=sorted(MODE_IDS), help="R/X: fill spans; S: continue the prefix")
+    p.add_argument("--mode", default="R", choices=sorted(MODE_IDS) + ["diffusion"],
+                   help="R/X: fill spans; S: continue the prefix; diffusion: a masked-diffusion Qwen3 writes "
+                        "--max_new_tokens after the prompt")
+    d = p.add_argument_group("--mode diffusion (diffusion.generate)")
+    d.add_argument("--steps", type=int, default=0, help="denoising steps over all blocks (0 = max_new_tokens)")
+    d.add_argument("--block_length", type=int, default=0, help="semi-autoregressive block (0 = max_new_tokens)")
+    d.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance (0 = off)")
+    d.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "random_topk"])
+    d.add_argument("--threshold", type=float, default=None, help="commit every token this confident (Fast-dLLM)")
+    d.add_argument("--cache", default=None, choices=["prefix", "dual"], help="per-block key-value cache")
+    d.add_argument("--block_attention", action="store_true", help="block attention (a model trained with it)")
+    d.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template of the SFT data")
+    d.add_argument("--system", default="", help="system prompt for --chat")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -194,6 +209,14 @@ def parse_args(argv):
               (args.top_k >= 0, "--top_k must be >= 0 (0 = off)"),
               (0 < args.top_p <= 1, "--top_p must lie in (0, 1]"),
               ((args.prompt is None) != (args.prompt_file is None), "give exactly one of --prompt and --prompt_file")]
+    if args.mode == "diffusion":
+        args.steps = args.steps or args.max_new_tokens
+        args.block_length = args.block_length or args.max_new_tokens
+        checks += [(args.max_new_tokens % args.block_length == 0, "--max_new_tokens must be a multiple of --block_length"),
+                   (args.threshold is not None or args.steps % max(args.max_new_tokens // args.block_length, 1) == 0,
+                    "--steps must be a multiple of the number of blocks (max_new_tokens / block_length)"),
+                   (args.steps >= 1 and args.block_length >= 1, "--steps and --block_length must be >= 1"),
+                   (args.top_k == 0 and args.top_p == 1.0, "--top_k / --top_p are not used by --mode diffusion")]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
@@ -223,6 +246,8 @@ def prepare(args):
     texts = read_prompts(args)
     from tokenizer import load_tokenizer
     tok = load_tokenizer(args.tokenizer)
+    if args.mode == "diffusion":
+        return prepare_diffusion(args, path, texts, tok)
     infill = args.mode != "S"
     prompts = []
     for i, text in enumerate(texts):
@@ -248,6 +273,64 @@ def prepare(args):
     return model, tok, prompts, path
 
 
+def prepare_diffusion(args, path, texts, tok):
+    """--mode diffusion: a decoder-only Qwen3 (a Hugging Face dir, e.g. a diffusion training checkpoint)."""
+    import diffusion
+    from model import Qwen3, _read_config
+    if _read_config(path).get("model_type") != "qwen3":
+        raise ValueError(f"--ckpt {path}: --mode diffusion needs a decoder-only Qwen3 checkpoint "
+                         "(config.json model_type 'qwen3'), such as a train.py objective='diffusion' checkpoint")
+    prompts = []
+    for i, text in enumerate(texts):
+        what = "--prompt" if args.prompt is not None else f"{args.prompt_file} line {i + 1}"
+        ids = diffusion.chat_ids(tok, args.system, [], text) if args.chat else tok.encode(text, allow_special=False)
+        if not ids:
+            raise ValueError(f"{what}: empty prompt")
+        prompts.append(ids)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    model = Qwen3.from_pretrained(path).to(device=args.device, dtype=getattr(torch, dtype)).eval()
+    limit = model.cfg.max_seq_len
+    for i, ids in enumerate(prompts):
+        if len(ids) + args.max_new_tokens > limit:
+            what = "--prompt" if args.prompt is not None else f"{args.prompt_file} line {i + 1}"
+            raise ValueError(f"{what}: {len(ids)} prompt tokens + --max_new_tokens {args.max_new_tokens} exceed "
+                             f"the model's max_seq_len={limit}")
+    if diffusion.MASK_ID >= model.cfg.vocab_size:
+        raise ValueError(f"--ckpt {path}: vocabulary of {model.cfg.vocab_size} rows has no mask token "
+                         f"{diffusion.MASK_ID}")
+    return model, tok, prompts, path
+
+
+def diffusion_text(ids):
+    """Generated ids up to the first end-of-text / end-of-turn."""
+    import diffusion
+    for stop in (EOS_ID, diffusion.EOT_ID):
+        if stop in ids:
+            ids = ids[:ids.index(stop)]
+    return ids
+
+
+def main_diffusion(args, model, tok, prompts, generator):
+    import diffusion
+    rows = [ids for ids in prompts for _ in range(args.num_samples)]
+    out = []
+    for i in range(0, len(rows), args.batch_size):
+        batch = rows[i:i + args.batch_size]
+        ids, mask = pad_batch(batch, side="left")  # the generated block starts at the same column in every row
+        x = diffusion.generate(model, ids.to(args.device), mask.to(args.device), steps=args.steps,
+                               gen_length=args.max_new_tokens, block_length=args.block_length,
+                               temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                               threshold=args.threshold, cache=args.cache, block_attention=args.block_attention,
+                               generator=generator)
+        out += [(p, diffusion_text(row)) for p, row in zip(batch, x[:, ids.shape[1]:].tolist())]
+    for n, (ids, target) in enumerate(out):
+        if n:
+            print("-" * 40)
+        print(tok.decode(target) if args.chat else tok.decode(ids + target))
+        if args.show_target:
+            print("target: " + tok.decode(target))
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -255,9 +338,11 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # OSError: unreadable files
         sys.exit("sample.py: " + str(e).replace("\n", " "))
     print(f"# {path} on {args.device}, mode {args.mode}", file=sys.stderr)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.mode == "diffusion":
+        return main_diffusion(args, model, tok, prompts, generator)
     mode_id = MODE_IDS[args.mode]
     rows = [ids for ids in prompts for _ in range(args.num_samples)]
-    generator = torch.Generator().manual_seed(args.seed)
     batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     results = []
     for batch in tqdm(batches, desc="sampling", disable=len(batches) < 2, file=sys.stderr):

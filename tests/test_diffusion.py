@@ -553,7 +553,7 @@ def trained():
         opt.zero_grad()
         (loss / count).backward()
         opt.step()
-    return model.eval(), float(loss / count)
+    return model.eval(), float(loss.detach() / count)
 
 
 def test_trained_model_unmasks_and_regenerates_the_corpus(trained):
@@ -571,3 +571,52 @@ def test_trained_model_unmasks_and_regenerates_the_corpus(trained):
         prompt = torch.tensor([seq[:3]])
         out = D.generate(model, prompt, steps=7, gen_length=7, block_length=7, mask_id=TMASK)
         assert out[0].tolist() == seq
+
+
+# ---------------------------------------------------------------------------------------
+# sample.py --mode diffusion
+
+DIGIT0 = 15  # Qwen's BPE: "0" -> 15 ... "9" -> 24
+
+
+class DigitTokenizer:
+    def encode(self, text, allow_special=True):
+        return [DIGIT0 + int(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(str(t - DIGIT0) if DIGIT0 <= t < DIGIT0 + 10 else f"<{t}>" for t in ids)
+
+
+def full_vocab(small):
+    """The trained 12-row model as a 151,936-row Qwen3: digits at Qwen's digit ids, its mask row at MASK_ID,
+    every other row a copy of its never-trained row 10."""
+    full = Qwen3(ModelConfig(**{**small.cfg.to_dict(), "vocab_size": 151936})).eval()
+    sd = small.state_dict()
+    w = sd["embed.weight"]
+    big = w[10].repeat(151936, 1)
+    big[DIGIT0:DIGIT0 + 10] = w[:10]
+    big[D.MASK_ID] = w[TMASK]
+    sd["embed.weight"] = big
+    full.load_state_dict(sd)
+    return full
+
+
+def test_sample_cli_diffusion_mode(trained, tmp_path, monkeypatch, capsys):
+    import sample
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda name=None: DigitTokenizer(), raising=False)
+    ckpt = str(tmp_path / "ckpt")
+    full_vocab(trained[0]).save_pretrained(ckpt)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join("".join(map(str, s[:3])) + "\n" for s in CORPUS))
+    want = ["".join(map(str, s)) for s in CORPUS]
+    sample.main(["--ckpt", ckpt, "--mode", "diffusion", "--prompt_file", str(prompts), "--max_new_tokens", "7",
+                 "--batch_size", "2"])
+    assert capsys.readouterr().out.splitlines()[::2] == want
+    for extra in (["--threshold", "0.5", "--cache", "prefix"], ["--block_length", "7", "--steps", "14"]):
+        sample.main(["--ckpt", ckpt, "--mode", "diffusion", "--prompt", "260", "--max_new_tokens", "7"] + extra)
+        assert capsys.readouterr().out.splitlines() == [want[1]]
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", ckpt, "--mode", "diffusion", "--prompt", "1", "--max_new_tokens", "7",
+                     "--block_length", "2"])
+    assert "multiple of --block_length" in capsys.readouterr().err
