@@ -214,33 +214,55 @@ def qwen3_from_encoder(cfg, tensors):
     return eval_embed.qwen3_from_tensors(cfg, tensors)
 
 
+def start_source(path):
+    """(config.json path's directory, its model_type) of a starting point; a training out_dir gives its newest
+    checkpoint."""
+    import json
+    import extract
+    if not os.path.isdir(path):
+        raise ValueError(f"init path {path}: no such directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        ckpts = extract.list_checkpoints(path)
+        if not ckpts:
+            raise ValueError(f"init path {path}: no config.json and no ckpt-NNNNNNN directories; pass a UL2 "
+                             "checkpoint, a training out_dir, an extracted encoder or a Qwen3 directory")
+        path = ckpts[-1]
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    kind = d.get("model_type")
+    if kind not in ("qwen3", "qwen3_encdec", "qwen3_encoder"):
+        raise ValueError(f"init path {path}/config.json: model_type {kind!r} is none of qwen3_encdec (UL2 "
+                         "checkpoint), qwen3_encoder (extract.py) or qwen3 (Hugging Face Qwen3)")
+    return path, kind, d
+
+
+def start_config(path):
+    """The decoder-only ModelConfig contrastive training will have from this starting point (no weights read)."""
+    from dataclasses import replace
+    import eval_embed
+    from model_config import ModelConfig
+    path, kind, d = start_source(path)
+    if kind == "qwen3":
+        return ModelConfig.from_hf(d)
+    if kind == "qwen3_encoder":
+        return eval_embed.model_config_of(d)
+    cfg = ModelConfig.from_dict(d)
+    return replace(cfg, num_layers=cfg.num_encoder_layers, num_encoder_layers=0, tie_embeddings=True)
+
+
 def load_start(path):
     """The model contrastive training starts from: a UL2 checkpoint (or a training out_dir: its newest), an
     extracted encoder directory, or a Hugging Face Qwen3 directory (run bidirectionally)."""
-    import json
     import eval_embed
     import extract
     import model as M
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise ValueError(f"init_path {path}: no such directory")
-    if not os.path.isfile(cfg_path):
-        ckpts = extract.list_checkpoints(path)
-        if not ckpts:
-            raise ValueError(f"init_path {path}: no config.json and no ckpt-NNNNNNN directories; pass a UL2 "
-                             "checkpoint, a training out_dir, an extracted encoder or a Qwen3 directory")
-        path, cfg_path = ckpts[-1], os.path.join(ckpts[-1], "config.json")
-    with open(cfg_path) as f:
-        kind = json.load(f).get("model_type")
+    path, kind, _ = start_source(path)
     if kind == "qwen3":
         return M.Qwen3.from_pretrained(path)
-    if kind == eval_embed.MODEL_TYPE:
+    if kind == "qwen3_encoder":
         return eval_embed.load_encoder_dir(path)[0]
-    if kind == "qwen3_encdec":
-        cfg, tensors = extract.encoder_tensors(path)
-        return qwen3_from_encoder(cfg, tensors)
-    raise ValueError(f"init_path {cfg_path}: model_type {kind!r} is none of qwen3_encdec (UL2 checkpoint), "
-                     f"{eval_embed.MODEL_TYPE} (extract.py) or qwen3 (Hugging Face Qwen3)")
+    cfg, tensors = extract.encoder_tensors(path)
+    return qwen3_from_encoder(cfg, tensors)
 
 
 def encoder_states(model, ids, mask):
@@ -322,6 +344,11 @@ class Objective:
         m.set_dropout(*self.dropout)
         return m
 
+    @staticmethod
+    def init_config(path):
+        """The ModelConfig load_init(path) will give, without reading weights."""
+        return start_config(path)
+
     @property
     def extra_ids(self):
         """Every token id the data and prefixes use (what trim_vocab must keep): the run has no shards."""
@@ -361,7 +388,12 @@ class Objective:
             return None
         b = self.pack([self.val.get(k % len(self.val)) for k in range(index * rows, (index + 1) * rows)])
         b["group"] = np.zeros(rows, dtype=np.int64)
+        b["labels"] = np.zeros(rows, dtype=np.int64)  # IGNORE_INDEX everywhere marks a dummy batch (train.py)
         return b
+
+    def real_tokens(self, b):
+        """(encoder tokens, decoder tokens, sequences) for tokens/s and MFU: every text is one sequence."""
+        return 0, int(b["mask"].sum()), int(b["mask"].shape[0] * b["mask"].shape[1])
 
     # ---- loss
 
@@ -384,6 +416,8 @@ class Objective:
 
     def loss(self, model, batch):
         e = self.embed(model, batch["ids"], batch["mask"])
+        if "labels" in batch and bool((batch["labels"] == -100).all()):  # a dummy batch keeping processes in step
+            return e.sum() * 0.0, 0
         gather = self.gather and torch.is_grad_enabled()  # validation batches are scored on their own
         total = contrastive_loss(e[:, 0], e[:, 1], e[:, 2] if e.shape[1] > 2 else None, self.scale(e.device),
                                  self.dims, self.weights, gather)

@@ -356,5 +356,44 @@ def test_tiny_encoder_learns_paraphrases(tmp_path):
     assert before < 0.3 and after >= 0.9
 
 
+# ---------------------------------------------------------------------------------------
+# train.py runs the objective; extract.py ships what it trained
+
+def register_in_train():
+    """train.py's table (until contrastive is in OBJECTIVES there, register it as train.py would)."""
+    import train
+    train.OBJECTIVES.setdefault("contrastive", "contrastive")
+    for k, v in C.CONFIG.items():
+        train.DEFAULTS.setdefault(k, v)
+    return train
+
+
+@pytest.mark.slow
+def test_train_py_trains_it_and_extract_ships_it(tmp_path, hf_qwen3_dir):
+    import eval_embed
+    import extract
+    train = register_in_train()
+    data = write(tmp_path / "nli.tsv", NLI + "".join(
+        f"Premise number {i} is here.\tStatement {i} holds.\tentailment\n"
+        f"Premise number {i} is here.\tStatement {i} fails.\tcontradiction\n" for i in range(10)))
+    out = tmp_path / "run"
+    train.main(["--objective=contrastive", "--init_from=qwen3", f"--qwen3_path={hf_qwen3_dir}", f"--out_dir={out}",
+                f"--contrastive_data={data}", f"--contrastive_val_data={data}", "--contrastive_pooling=last",
+                "--contrastive_matryoshka_dims=[64, 16]", "--contrastive_query_prefix=query: ", "--max_iters=4",
+                "--batch_size=4", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=1",
+                "--device=cpu", "--learning_rate=1e-3"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert [r["val_loss"] for r in log if "val_loss" in r][-1] < [r["val_loss"] for r in log if "val_loss" in r][0]
+    enc = str(tmp_path / "enc")
+    extract.main(["--ckpt", str(out), "--out", enc, "--verify"])  # the three loaders, also @16 and with the prompt
+    cfg = json.load(open(os.path.join(enc, "config.json")))
+    assert cfg["pooling"] == "last" and cfg["matryoshka_dims"] == [16] and cfg["prompts"] == {"query": "query: "}
+    ckpt = extract.resolve_checkpoints(str(out))[0]
+    np.testing.assert_allclose(eval_embed.load_model(ckpt).encode(["A man rests."]),
+                               eval_embed.load_model(enc).encode(["A man rests."]), atol=1e-5)
+
+
 if __name__ == "__main__":
     gather_worker(sys.argv[1], sys.argv[2])
