@@ -3,7 +3,7 @@
 #   torchrun --nproc_per_node=8 train.py config/qwen3_encdec_0.6b.py
 # Global batch 512 examples x (512 encoder + 512 decoder positions) = 524K positions per step;
 # 10K steps see ~2.6B source tokens, under half of SlimPajama-6B (no repeats).
-out_dir = "out-qwen3-encdec-0.6b"
+out_dir = "out/qwen3-encdec-0.6b"
 init_from = "qwen3"
 qwen3_path = "Qwen/Qwen3-0.6B"     # or a local Hugging Face directory
 data_dir = "data/slimpajama_6b_qwen3"

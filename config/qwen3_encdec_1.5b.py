@@ -4,7 +4,7 @@
 import os
 exec(open(os.path.join(os.path.dirname(__file__), "qwen3_encdec_0.6b.py")).read())
 
-out_dir = "out-qwen3-encdec-1.5b"
+out_dir = "out/qwen3-encdec-1.5b"
 qwen3_path = "Qwen/Qwen3-1.7B"
 
 batch_size = 4                     # same global batch (512) with more micro-steps per GPU

@@ -5,7 +5,7 @@
 import os
 exec(open(os.path.join(os.path.dirname(__file__), "qwen3_encdec_0.6b.py")).read())
 
-out_dir = "out-qwen3-encdec-2b"
+out_dir = "out/qwen3-encdec-2b"
 init_from = "scratch"
 qwen3_path = ""
 model_preset = "qwen3_encdec_2b"

@@ -3,7 +3,7 @@
 # The 152,036-row tied embedding is most of the model and most of the compute at this width
 # (the LM head costs ~12x the blocks per decoder position), so the blocks stay small and the
 # windows short; the loss falls from ln(152036) = 11.9 mostly by learning which tokens occur.
-out_dir = "out-tiny-shakespeare"
+out_dir = "out/tiny-shakespeare"
 init_from = "scratch"
 data_dir = "data/shakespeare_qwen3"
 model_preset = "tiny_encdec"       # 2 + 2 layers
