@@ -106,19 +106,23 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model, c, world, log=warn):
-    """The optimiser named by c.optimizer over the (unwrapped) model's parameters. Its attribute
-    `chosen` names the class that really runs (what the fallbacks picked), for checkpoints."""
+def make_optimizer(model, c, world, extra=(), log=warn):
+    """The optimiser named by c.optimizer over the (unwrapped) model's parameters, plus `extra`
+    [(name, parameter)] outside the model (an objective's own, e.g. a learnable temperature; no
+    weight decay). Its attribute `chosen` names the class that really runs (what the fallbacks
+    picked), for checkpoints; `names` maps each parameter to the name its state is saved under."""
     sharded = world > 1 and c.parallelism == "fsdp"
-    cls, extra, chosen = choose(getattr(c, "optimizer", "adamw"), sharded, log)
-    kw = dict(lr=c.learning_rate, betas=(c.beta1, c.beta2), **extra)
+    cls, kw_extra, chosen = choose(getattr(c, "optimizer", "adamw"), sharded, log)
+    kw = dict(lr=c.learning_rate, betas=(c.beta1, c.beta2), **kw_extra)
     groups = param_groups(model, c.weight_decay)
+    groups[1]["params"] += [p for _, p in extra]
     if world > 1 and c.parallelism == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
         opt = ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kw)
     else:
         opt = cls(groups, **kw)
     opt.chosen = chosen
+    opt.names = {id(p): n for n, p in [*model.named_parameters(), *extra]}
     return opt
 
 
@@ -132,7 +136,7 @@ def local(opt):
 
 def owned(opt, model):
     """[(name, parameter)] whose state this process keeps, in the optimiser's order."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
+    name_of = getattr(opt, "names", None) or {id(p): n for n, p in model.named_parameters()}
     return [(name_of[id(p)], p) for g in local(opt).param_groups for p in g["params"]]
 
 
