@@ -260,3 +260,68 @@ def test_minilm_reproduces_published_stsb(tmp_path, monkeypatch):
     assert res["stsb_test.tsv"]["pairs"] == 1379
     assert res["sanity"]["paraphrase_cos"] > res["sanity"]["unrelated_cos"] + 0.3
     assert (tmp_path / "r.md").read_text().startswith("| task | metric | all-MiniLM-L6-v2 |")
+
+
+# ---------------------------------------------------------------------------------------
+# Matryoshka dimensions and retrieval prompts
+
+class Recorder:
+    """Wraps a model: records each encode call's (number of texts, prompt)."""
+
+    def __init__(self, model, prompts=None):
+        self.model, self.calls, self.name, self.prompts = model, [], "rec", prompts or {}
+
+    def encode(self, texts, batch_size=None, progress=False, prompt=None):
+        self.calls.append((len(texts), prompt))
+        return self.model.encode([(prompt or "") + t for t in texts])
+
+
+def test_prefix_is_the_renormalised_first_dims_and_embeds_once():
+    enc = toy_encoder(dim=16)
+    rec = Recorder(enc)
+    memo = {}
+    texts = ["a b c", "b c d e", "x"]
+    full = enc.encode(texts)
+    for d in (16, 8, 3):
+        got = E.Prefix(rec, d, memo).encode(texts)
+        # by hand: mean of the word vectors, cut, normalised
+        raw = enc.states_fn(torch.tensor([[enc.tokenizer.vocab[w] for w in t.split()] for t in texts[:1]]), None)
+        want0 = torch.nn.functional.normalize(raw[0].mean(0)[:d], dim=0).detach().numpy()
+        np.testing.assert_allclose(got[0], want0, atol=1e-6)
+        np.testing.assert_allclose(got, full[:, :d] / np.linalg.norm(full[:, :d], axis=1, keepdims=True), atol=1e-6)
+    assert rec.calls == [(3, None)]  # one encode for every dimension
+    with pytest.raises(ValueError, match="--dims 32"):
+        E.Prefix(rec, 32, memo).encode(texts)
+
+
+def test_retrieval_prompts_default_to_the_models_and_can_be_overridden(tmp_path):
+    words = "alpha beta gamma delta".split()
+    make_beir(tmp_path, [{"_id": f"d{i}", "text": w} for i, w in enumerate(words)],
+              [{"_id": f"q{i}", "text": w} for i, w in enumerate(words)], [(f"q{i}", f"d{i}", 1) for i in range(4)])
+    rec = Recorder(toy_encoder(), prompts={"query": "query: ", "document": "passage: "})
+    E.eval_retrieval(rec, str(tmp_path), progress=False)
+    assert rec.calls == [(4, "query: "), (4, "passage: ")]
+    rec.calls.clear()
+    m = E.eval_retrieval(rec, str(tmp_path), progress=False, query_prompt="gamma ", doc_prompt="")
+    assert rec.calls == [(4, "gamma "), (4, "")]
+    # every query now shares "gamma" with d2: it climbs to rank 1 or 2 for each, so MRR drops below 1
+    assert m["mrr@10"] < 100.0
+    assert E.retrieval_prompts(Recorder(None, {"query": "q: ", "passage": "p: "})) == ("q: ", "p: ")
+
+
+def test_cli_dims_write_one_column_per_dimension(tmp_path, monkeypatch):
+    enc = toy_encoder(dim=16)
+    monkeypatch.setattr(E, "load_model", lambda spec, *a, **k: enc)
+    f = tmp_path / "sts.tsv"
+    f.write_text("score\tsentence1\tsentence2\n5\talpha beta\talpha beta\n2.5\talpha beta\talpha gamma\n"
+                 "0\talpha beta\tdelta zeta\n1\tbeta\tzeta eta\n")
+    out = tmp_path / "r.json"
+    E.main(["--model", "toy", "--sts", str(f), "--dims", "8,4", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert list(res) == ["toy", "toy@8", "toy@4"]
+    for name, d in (("toy", None), ("toy@8", 8), ("toy@4", 4)):
+        want = E.eval_sts(E.Prefix(enc, d, {}), str(f), progress=False)
+        assert res[name]["sts.tsv"] == pytest.approx(want)
+    assert "| sts.tsv | spearman |" in (tmp_path / "r.md").read_text()
+    with pytest.raises(SystemExit):
+        E.main(["--model", "toy", "--sts", str(f), "--dims", "8,x", "--out", str(out)])
