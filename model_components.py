@@ -50,11 +50,13 @@ class Rotary(nn.Module):
         return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
-def _flex():
-    """flex_attention compiled once (eager flex is a slow reference; compiled it is a fused kernel)."""
+def _flex(cuda):
+    """flex_attention, compiled once on CUDA (compiled it is a fused kernel; eager, on CPU, a reference)."""
     global _FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    if not cuda:
+        return flex_attention
     if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
@@ -121,7 +123,7 @@ def attend(q, k, v, mask, causal, dropout=0.0):
     """One attention call for every mode. mask: None (no padding: plain or lower-right causal SDPA, which
     flash kernels take without a tensor), a bool tensor from build_mask, or a flex BlockMask."""
     if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask (no dropout: see Attention)
-        return _flex()(q, k, v, block_mask=mask, enable_gqa=True)
+        return _flex(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=True)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
     t, T = q.shape[2], k.shape[2]

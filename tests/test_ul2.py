@@ -254,3 +254,63 @@ def test_deterministic_in_seed_rank_step():
 
 def test_denoiser_names():
     assert ul2.UL2(64, 64).denoiser_names == ["R(3,0.15)", "R(12,0.5)", "X(32,0.15)", "X(32,0.5)", "S(0.75)"]
+
+
+# ---------------------------------------------------------------------------------------
+# packing
+
+def packed(enc_len=512, dec_len=512, rows=128, seed=0, step=0, first=0, u=None):
+    u = u or ul2.UL2(enc_len, dec_len)
+    windows = text_windows(np.random.default_rng(seed), rows, enc_len + dec_len)
+    return u, windows, u.make_packed(windows, step, range(first, first + rows))
+
+
+def test_packed_segments_reconstruct_consecutive_text():
+    """Every example of a packed row is a valid UL2 example of the next stretch of the row's window."""
+    u, windows, b = packed(256, 192, rows=24)
+    for i in range(len(windows)):
+        used = 0
+        for k in range(1, int(b["enc_seg"][i].max()) + 1):
+            e, d = b["enc_seg"][i] == k, b["dec_seg"][i] == k
+            enc, labels, dec = b["enc_ids"][i][e], b["labels"][i][d], b["dec_ids"][i][d]
+            assert enc[0] in MODE_IDS.values() and labels[-1] == EOS_ID
+            assert dec[0] == DECODER_START_ID and np.array_equal(dec[1:], labels[:-1])  # restarts per segment
+            src = ul2.reconstruct(enc, np.ones(len(enc), bool), labels)
+            assert np.array_equal(src, windows[i][used:used + len(src)])
+            den = b["denoiser"][i][d]
+            assert (den == den[0]).all() and MODE_IDS[u.mixture[den[0]][0]] == enc[0]
+            used += len(src)
+        # segments are contiguous and numbered in order, padding only at the end of a row
+        for seg in (b["enc_seg"][i], b["dec_seg"][i]):
+            real = seg[seg > 0]
+            assert (np.diff(real) >= 0).all() and (seg[len(real):] == 0).all()
+        pad = b["labels"][i] == IGNORE_INDEX
+        assert (pad == (b["dec_seg"][i] == 0)).all() and (b["enc_ids"][i][b["enc_seg"][i] == 0] == PAD_ID).all()
+
+
+@pytest.mark.parametrize("sizes", [(512, 512), (256, 256)])
+def test_packing_fills_rows_and_keeps_the_mixture(sizes):
+    """>= 90 % of positions are real tokens (unpacked: ~51 %), and the denoisers keep their mixture weights
+    per example (1/8 each, S 1/2) within sampling error."""
+    u, _, b = packed(*sizes, rows=256)
+    enc_len, dec_len = sizes
+    fill = ((b["enc_seg"] > 0).sum() + (b["dec_seg"] > 0).sum()) / (len(b["enc_seg"]) * (enc_len + dec_len))
+    assert fill >= 0.90, fill
+    counts = np.zeros(len(u.mixture))
+    for i in range(len(b["dec_seg"])):
+        for k in range(1, int(b["dec_seg"][i].max()) + 1):
+            counts[b["denoiser"][i][b["dec_seg"][i] == k][0]] += 1
+    share, want = counts / counts.sum(), u.weights_at(0)
+    sigma = np.sqrt(want * (1 - want) / counts.sum())
+    assert (np.abs(share - want) < 4 * sigma + 0.01).all(), (share, want)
+
+
+def test_packed_rows_depend_only_on_their_index():
+    """Row r is the same whether it is built alone, in a batch, or in another split of the batch."""
+    u = ul2.UL2(128, 96)
+    windows = text_windows(np.random.default_rng(5), 6, 224)
+    whole = u.make_packed(windows, 3, range(10, 16))
+    halves = [u.make_packed(windows[:2], 3, range(10, 12)), u.make_packed(windows[2:], 3, range(12, 16))]
+    for k in whole:
+        assert np.array_equal(whole[k], np.concatenate([h[k] for h in halves]))
+    assert not np.array_equal(u.make_packed(windows, 3, range(20, 26))["enc_ids"], whole["enc_ids"])
