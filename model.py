@@ -215,11 +215,14 @@ class Qwen3(nn.Module):
         return self.decoder(x, cos, sin, attn, mask)
 
     def forward(self, idx, attention_mask=None, labels=None, position_ids=None, attn="causal", attn_mask=None,
-                seg=None, reduction="mean"):
+                seg=None, reduction="mean", output="logits"):
         """labels are aligned with idx (labels[t] is the token after idx[t]), IGNORE_INDEX where unscored.
         With labels: (None, loss) computed without the full logits, the mean over scored tokens or, with
-        reduction='sum', their sum; without: (logits, None)."""
+        reduction='sum', their sum; without: (logits, None), or (final hidden states, None) with
+        output='hidden' (embedding objectives: through forward, so DDP and FSDP see the call)."""
         h = self.hidden(idx, attention_mask, position_ids, attn, attn_mask, seg)
+        if output == "hidden":
+            return h, None
         if labels is None:
             return F.linear(h, self.head_weight), None
         loss = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1),
