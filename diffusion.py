@@ -635,16 +635,15 @@ class Objective:
                           sigmoid_k=c.diffusion_sigmoid_k, t_low=c.diffusion_t_low, t_high=c.diffusion_t_high,
                           min_rate=c.diffusion_min_masking_rate, contiguous_prob=c.diffusion_mask_contiguous_region_prob,
                           noise_type=c.diffusion_noise_type, mask_id=MASK_ID)
-        self.val = None
+        self.val, self.shard_sets = None, []
         if c.diffusion_data == "pretrain":
-            from shards import ShardDataset
-            try:
-                from data import WindowSampler
-            except ImportError:
-                from train import WindowSampler
-            self.train = WindowSampler(ShardDataset(c.data_dir, "train"), self.L, c.seed, f"{c.data_dir} train split")
+            from data import WindowSampler, open_shards
+            train = open_shards(c, model_cfg, "train", with_sentinels=False)
+            val = open_shards(c, model_cfg, "val", with_sentinels=False) if c.eval_interval or c.trim_vocab else None
+            self.shard_sets = [s for s in (train, val) if s is not None]  # what trim_vocab scans
+            self.train = WindowSampler(train, self.L, c.seed, f"{c.data_dir} train split")
             if c.eval_interval:
-                self.val = WindowSampler(ShardDataset(c.data_dir, "val"), self.L, 0, f"{c.data_dir} val split")
+                self.val = WindowSampler(val, self.L, 0, f"{c.data_dir} val split")
         else:
             from tokenizer import load_tokenizer
             tok = load_tokenizer()
@@ -728,7 +727,15 @@ class Objective:
         out["group"] = np.array([0] * n_elbo + [1] * (rows - n_elbo), np.int64)
         return out
 
+    def real_tokens(self, b):
+        """(encoder, decoder, real) positions of a batch for train.py's tokens/s: real = not padding."""
+        return 0, b["ids"].size, int(b["mask"].sum())
+
     def loss(self, model, batch):
+        # train.py's evaluation pads a group with no rows by a dummy whose labels are all ignored: it counts
+        # nothing (a real row with no noised token keeps its count: its weights are all zero)
+        scored = (batch["labels"] != IGNORE_INDEX).any(1) | (batch["weight"] == 0).all(1)
+        batch = {**batch, "count": batch["count"] * scored}
         attn_mask = None
         if self.block:
             attn_mask = block_attention_mask(batch["prompt_len"], batch["ids"].shape[1], self.block,
