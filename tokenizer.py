@@ -272,6 +272,14 @@ class _Qwen3Base:
     def fingerprint(self):
         return _fingerprint(self._bpe_tokens(), self._pattern())
 
+    @functools.cached_property
+    def _hf_json_text(self):
+        # built once per tokenizer (the merge list takes seconds), checked once
+        from tokenizers import Tokenizer
+        text = json.dumps(self._hf_json(), ensure_ascii=False)
+        Tokenizer.from_str(text)  # refuse to write what tokenizers cannot load
+        return text
+
     def save_hf(self, out_dir, model_max_length=None):
         """Write tokenizer.json + tokenizer_config.json so that
         transformers.AutoTokenizer.from_pretrained(out_dir) gives the same ids."""
@@ -284,10 +292,7 @@ class _Qwen3Base:
         }
         if model_max_length:
             config["model_max_length"] = int(model_max_length)
-        from tokenizers import Tokenizer
-        tokenizer_json = json.dumps(self._hf_json(), ensure_ascii=False)
-        Tokenizer.from_str(tokenizer_json)  # refuse to write what tokenizers cannot load
-        for name, text in (("tokenizer.json", tokenizer_json),
+        for name, text in (("tokenizer.json", self._hf_json_text),
                            ("tokenizer_config.json", json.dumps(config, indent=2))):
             path = os.path.join(out_dir, name)
             with open(path + ".tmp", "w", encoding="utf-8") as f:
