@@ -17,8 +17,7 @@ import importlib
 import json
 import math
 import os
-import re
-import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -28,7 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import kernels
+import optim as optim_lib
 from configurator import ConfigError, configure
 from data import DataError, Prefetcher
 from model import EncoderDecoder, Qwen3
@@ -75,6 +76,7 @@ lr_decay_iters = 0              # end of the cosine; 0: max_iters
 weight_decay = 0.1              # on matrices only: not on norms, not on the (tied) embedding
 beta1 = 0.9
 beta2 = 0.95
+optimizer = "adamw"              # 'adamw', 'adamw8bit', 'lion8bit', 'lion' (optim.py; 8-bit via bitsandbytes)
 grad_clip = 1.0                 # 0: no clipping (the norm is still logged)
 # ---- system
 device = "auto"                 # 'auto' (CUDA when present), 'cpu', 'cuda'
@@ -87,7 +89,6 @@ DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_config 
 for _module in OBJECTIVES.values():  # each objective's own keys (ul2_mixture, ...)
     DEFAULTS.update(importlib.import_module(_module).CONFIG)
 
-CKPT_NAME = re.compile(r"ckpt-(\d{7})")
 # dense bf16 peak FLOP/s for MFU; the first name found in torch.cuda.get_device_name() wins
 GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
@@ -104,7 +105,8 @@ class Fail(Exception):
 def check_config(c, world):
     choices = {"init_from": ("scratch", "qwen3", "resume"), "parallelism": ("ddp", "zero1", "fsdp"),
                "objective": tuple(OBJECTIVES),
-               "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16")}
+               "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
+               "optimizer": optim_lib.OPTIMIZERS}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
             raise Fail(f"config key '{key}' is {getattr(c, key)!r}; choose one of {', '.join(ok)}")
@@ -138,11 +140,7 @@ def find_qwen3(path):
     return path
 
 
-def list_checkpoints(directory):
-    """Complete checkpoints, oldest first (a name with any suffix, such as .tmp, is not complete)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if CKPT_NAME.fullmatch(n))
+list_checkpoints = checkpoint.list_checkpoints  # the one rule (checkpoint.py); kept for scripts and tests
 
 
 def model_shape(c, model_type):
@@ -158,11 +156,13 @@ def model_shape(c, model_type):
                                           "num_encoder_layers": mcfg.num_layers, "tie_embeddings": True,
                                           **c.model_overrides})
     else:
-        ckpts = list_checkpoints(c.out_dir)
-        if not ckpts:
+        try:  # the newest complete checkpoint; a damaged newer one is skipped with one line
+            source = checkpoint.newest(c.out_dir, log=print if int(os.environ.get("RANK", 0)) == 0 else lambda m: 0)
+        except checkpoint.CheckpointError as e:
+            raise Fail(f"init_from='resume': {e}; delete that checkpoint to resume from the one before") from None
+        if source is None:
             raise Fail(f"init_from='resume': no checkpoint ckpt-NNNNNNN in {c.out_dir}; "
                        "start with init_from='scratch' or 'qwen3', or point --out_dir at an earlier run")
-        source = ckpts[-1]
         with open(os.path.join(source, "config.json")) as f:
             d = json.load(f)
         mcfg = ModelConfig.from_hf(d) if d.get("model_type") == "qwen3" else ModelConfig.from_dict(d)
@@ -225,27 +225,6 @@ def parallelize(model, c, world, dev, ptdtype):
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
-def make_optimizer(raw, c, dev, world):
-    """AdamW; weight decay on matrices only. Norm weights are scales around 1 and the embedding
-    is also the output layer of 152K rows, most of them rare: decaying either pulls them toward
-    zero for no benefit, as GPT-2/nanoGPT and most LLM recipes choose."""
-    groups = {"decay": ([], []), "no_decay": ([], [])}
-    for name, p in raw.named_parameters():
-        params, names = groups["no_decay" if p.dim() < 2 or p is raw.embed.weight else "decay"]
-        params.append(p)
-        names.append(name)
-    param_groups = [{"params": groups["decay"][0], "weight_decay": c.weight_decay},
-                    {"params": groups["no_decay"][0], "weight_decay": 0.0}]
-    # fused: one kernel per tensor on CUDA, and on CPU ~5x faster than the for-each loop
-    kw = dict(lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=True)
-    if world > 1 and c.parallelism == "zero1":
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        opt = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW, **kw)
-    else:
-        opt = torch.optim.AdamW(param_groups, **kw)
-    return opt, [groups["decay"][1], groups["no_decay"][1]]
-
-
 def get_lr(it, c):
     decay_iters = c.lr_decay_iters or c.max_iters
     if it < c.warmup_iters:
@@ -257,125 +236,30 @@ def get_lr(it, c):
 
 
 # ---------------------------------------------------------------------------------------
-# checkpoints: full (unsharded) state, written to ckpt-NNNNNNN.tmp and renamed when complete
+# checkpoints (checkpoint.py): full under one process / DDP, sharded (torch.distributed.checkpoint) under FSDP / ZeRO-1
 
 def _sharded(c, world):
     return world > 1 and c.parallelism == "fsdp"
 
 
-def full_optimizer_state(model, opt, names, c, world, rank):
-    """{param name: {key: tensor}} on rank 0 (None elsewhere), whatever the parallelism."""
-    if _sharded(c, world):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return osd["state"] if rank == 0 else None
-    if world > 1 and c.parallelism == "zero1":
-        opt.consolidate_state_dict(to=0)
-    if rank != 0:
-        return None
-    flat = [n for group in names for n in group]
-    return {flat[i]: s for i, s in opt.state_dict()["state"].items()}
-
-
-def load_optimizer_state(model, opt, names, state, c, world):
-    missing = [n for group in names for n in group if n not in state]
-    if missing:
-        raise Fail(f"checkpoint optimizer state lacks {len(missing)} parameters (first: {missing[0]}); "
-                   "it was written for a different model")
-    # hyperparameters come from the config (so they can change on resume); moments from the checkpoint
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    if _sharded(c, world):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        osd = {"state": state, "param_groups": [{**h, "params": list(n)} for h, n in zip(hyper, names)]}
-        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
-        return
-    flat = [n for group in names for n in group]
-    index = {n: i for i, n in enumerate(flat)}
-    opt.load_state_dict({"state": {index[n]: state[n] for n in flat},
-                         "param_groups": [{**h, "params": [index[n] for n in group]} for h, group in zip(hyper, names)]})
-
-
-def rng_states(world):
-    """Every process's torch (and CUDA) generator state: {name: uint8 tensor}."""
-    mine = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        mine["cuda"] = torch.cuda.get_rng_state()
-    everyone = [mine]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
-    return {f"rng.{k}.{r}": v for r, states in enumerate(everyone) for k, v in states.items()}
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(model, raw, opt, names, run, c, world, rank, trim):
-    from safetensors.torch import save_file
-    model_sd = None
-    if _sharded(c, world):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    opt_state = full_optimizer_state(model, opt, names, c, world, rank)
-    rng = rng_states(world)
-    if rank == 0:
-        final = os.path.join(c.out_dir, f"ckpt-{run['iter']:07d}")
-        tmp = final + ".tmp"
-        for name in os.listdir(c.out_dir):  # leftovers of a write that was killed
-            if name.startswith("ckpt-") and name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(c.out_dir, name), ignore_errors=True)
-        if model_sd is None and trim is None:
-            raw.save_pretrained(tmp)
-        else:  # an empty shell of the model carries the gathered / re-expanded weights into save_pretrained
-            state = model_sd if model_sd is not None else raw.state_dict()
-            if trim is not None:
-                state = trim.expand_state(state)
-            with torch.device("meta"):
-                shell = type(raw)(raw.cfg)
-            shell.load_state_dict(state, assign=True)
-            shell.save_pretrained(tmp)
-        tensors = {f"optim.{name}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
-                   for name, s in opt_state.items() for k, v in s.items()}
-        tensors.update(rng)
-        save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({**run, "world_size": world, "parallelism": c.parallelism, "param_names": names,
-                       "config": vars(c)}, f, indent=1)
-        for name in os.listdir(tmp):  # on disk before the rename makes the checkpoint visible
-            _fsync(os.path.join(tmp, name))
-        _fsync(tmp)
-        if os.path.exists(final):  # move an old copy aside first: a complete name is never half there
-            os.rename(final, final + ".old.tmp")
-            shutil.rmtree(final + ".old.tmp")
-        os.rename(tmp, final)
-        _fsync(c.out_dir)
-        for old in list_checkpoints(c.out_dir)[:-c.keep_last]:
-            os.rename(old, old + ".old.tmp")
-            shutil.rmtree(old + ".old.tmp")
-    if world > 1:
-        dist.barrier()
-
-
 def read_checkpoint(path):
+    """(trainer_state.json, optimizer tensors, RNG tensors) of a full checkpoint, for inspection."""
     from safetensors.torch import load_file
-    try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            run = json.load(f)
-        tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
-    except (OSError, ValueError) as e:
-        raise Fail(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to resume from the one before")
-    optim = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            name, k = key[len("optim."):].rsplit(".", 1)
-            optim.setdefault(name, {})[k] = v
-    rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    return run, optim, rng
+    checkpoint.check(path)
+    tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+    return (checkpoint.read_trainer_state(path), {k: v for k, v in tensors.items() if k.startswith("optim.")},
+            {k: v for k, v in tensors.items() if k.startswith("rng.")})
+
+
+def schedule_change(saved, c, it):
+    """One line saying how the learning-rate schedule moves when a resumed run changes it."""
+    keys = ("max_iters", "lr_decay_iters", "warmup_iters", "learning_rate", "min_lr")
+    old = SimpleNamespace(**{k: saved.get(k, getattr(c, k)) for k in keys})
+    if all(getattr(old, k) == getattr(c, k) for k in keys):
+        return None
+    changed = ", ".join(f"{k} {getattr(old, k)} -> {getattr(c, k)}" for k in keys if getattr(old, k) != getattr(c, k))
+    return (f"resuming at iter {it} with {changed}: the cosine now ends at iter {c.lr_decay_iters or c.max_iters} "
+            f"(was {old.lr_decay_iters or old.max_iters}); lr at iter {it} {get_lr(it, old):.3e} -> {get_lr(it, c):.3e}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,28 +342,43 @@ def main(argv):
         dist.init_process_group("nccl" if use_cuda else "gloo")
     torch.manual_seed(c.seed)  # identical initial weights in every process
     run = {"iter": 0, "examples": 0, "bad_steps": 0, "val_loss": None}
+    # resume: an empty model on the meta device, filled from the checkpoint once placed (under FSDP each
+    # process allocates and reads only its shards); trimming needs real rows to cut, so it builds on CPU
+    meta = c.init_from == "resume" and trim is None
     try:
-        raw = obj.load_init(source) if c.init_from == "qwen3" and hasattr(obj, "load_init") else None
-        raw = raw or load_model(c, mcfg, source, Objective.model_type)
         if c.init_from == "resume":
-            saved, optim_state, rng = read_checkpoint(source)
-            run.update({k: saved[k] for k in run})
+            with torch.device("meta") if meta else nullcontext():
+                raw = (Qwen3 if Objective.model_type == "decoder" else EncoderDecoder)(mcfg)
+        else:
+            raw = obj.load_init(source) if c.init_from == "qwen3" and hasattr(obj, "load_init") else None
+            raw = raw or load_model(c, mcfg, source, Objective.model_type)
     except (ValueError, OSError) as e:
         raise Fail(f"cannot load {source}: {e}") from None
     if trim is not None:
         trim.shrink(raw)
-    raw.to(dev)
+
+    def place(m):
+        return m.to_empty(device=dev) if meta else m.to(dev)
+    if not _sharded(c, world):
+        place(raw)
     raw.set_activation_checkpointing(c.activation_checkpointing)
     if c.compile:
         for block in blocks(raw):
             block.compile()  # in place: parameter names, and so checkpoints, stay the same
     model = parallelize(raw, c, world, dev, ptdtype)
-    opt, names = make_optimizer(raw, c, dev, world)
+    if _sharded(c, world):
+        place(raw)  # after sharding: only this process's shards reach the device
+    opt = optim_lib.make_optimizer(raw, c, world, log=optim_lib.warn if rank == 0 else lambda m: None)
     if c.init_from == "resume":
-        load_optimizer_state(model, opt, names, optim_state, c, world)
-        torch.set_rng_state(rng.get(f"rng.torch.{rank}", rng["rng.torch.0"]))
-        if use_cuda and f"rng.cuda.{rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"rng.cuda.{rank}"])
+        try:  # weights, optimizer state and this process's RNG; each process reads what it holds
+            saved = checkpoint.load(source, raw, opt, world, rank, trim)
+        except (ValueError, OSError, KeyError) as e:
+            raise Fail(f"cannot resume from {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+                from None
+        run.update({k: saved[k] for k in run})
+        note = schedule_change(saved.get("config", {}), c, run["iter"])
+        if note and rank == 0:
+            print(note)
     # one rule for every parallelism: fp32 weights, matmuls in the autocast dtype (so FSDP and DDP compute alike)
     autocast = torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
 
@@ -523,19 +422,29 @@ def main(argv):
             if wandb is not None:
                 wandb.log(record, step=record["iter"])
 
+    # SIGTERM / SIGUSR1 (preemption, a scheduler's warning): checkpoint at the next step and exit 0. The
+    # handler only sets a flag; the processes agree on it through the step's all_reduce
+    signalled = []
+    handlers = {s: signal.signal(s, lambda num, frame: signalled.append(signal.Signals(num).name))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    sharded_ckpt = world > 1 and c.parallelism in ("fsdp", "zero1")
     prefetcher = Prefetcher(make, iter0, micro_steps, c.prefetch)
     t_start = t_log = time.time()
     iters_logged, tokens_logged, flops_logged = 0, 0, 0.0
+    stopping, last_ckpt = False, None
     try:
         for it in range(iter0, c.max_iters + 1):
-            if c.eval_interval and (it % c.eval_interval == 0 or it == c.max_iters) and rounds:
+            if c.eval_interval and (it % c.eval_interval == 0 or it == c.max_iters) and rounds and not stopping:
                 ev = evaluate(model, obj, rounds, dev, autocast, world)
                 run["val_loss"] = ev["val_loss"]
                 log({"iter": it, **ev}, f"iter {it}: val loss {ev['val_loss']:.4f} (" +
                     ", ".join(f"{k[4:]} {v:.3f}" for k, v in ev.items() if k.startswith("val/")) + ")")
-            if it > iter0 and ((c.ckpt_interval and it % c.ckpt_interval == 0) or it == c.max_iters):
-                save_checkpoint(model, raw, opt, names, run, c, world, rank, trim)
-            if it == c.max_iters:
+            if it > iter0 and (stopping or (c.ckpt_interval and it % c.ckpt_interval == 0) or it == c.max_iters):
+                last_ckpt = checkpoint.save(c.out_dir, it, raw, opt, {**run, "parallelism": c.parallelism,
+                                            "config": vars(c)}, world, rank, sharded_ckpt, trim, c.keep_last)
+                if rank == 0:
+                    print(f"iter {it}: checkpoint {last_ckpt}{' (sharded)' if sharded_ckpt else ''}", flush=True)
+            if it == c.max_iters or stopping:
                 break
 
             # one optimisation step over grad_accum micro-batches, split between the processes:
@@ -543,7 +452,7 @@ def main(argv):
             lr = get_lr(it, c)
             for group in opt.param_groups:
                 group["lr"] = lr
-            totals = torch.zeros(5, dtype=torch.float64, device=dev)  # loss sum, count, enc/dec tokens, examples
+            totals = torch.zeros(6, dtype=torch.float64, device=dev)  # loss sum, count, enc/dec tokens, examples, signal
             for a in range(micro_steps):
                 batch, tokens = prefetcher.next()
                 batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -554,11 +463,13 @@ def main(argv):
                 with sync, autocast:
                     loss_sum, count = obj.loss(model, batch)
                     loss_sum.backward()
-                totals += torch.tensor([0, 0, *tokens], dtype=torch.float64, device=dev)
+                totals[2:5] += torch.tensor(tokens, dtype=torch.float64, device=dev)
                 totals[0] += loss_sum.detach().double()
                 totals[1] += count
+            totals[5] = float(bool(signalled))
             if world > 1:
                 dist.all_reduce(totals)
+            stopping = totals[5].item() > 0
             loss_value = (totals[0] / totals[1].clamp(min=1)).item()
             # DDP and FSDP average gradients over processes: undo that, then divide by the global count
             scale = world / max(totals[1].item(), 1.0)
@@ -581,7 +492,7 @@ def main(argv):
             opt.zero_grad(set_to_none=True)
             run["iter"], run["examples"] = it + 1, run["examples"] + global_batch
 
-            enc_t, dec_t, examples = totals[2:].tolist()
+            enc_t, dec_t, examples = totals[2:5].tolist()
             iters_logged += 1
             tokens_logged += enc_t + dec_t
             flops_logged += examples and examples * mcfg.flops_per_example(enc_t / examples, dec_t / examples)
@@ -597,8 +508,17 @@ def main(argv):
                     f"{tok_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, "
                     f"{1000 * dt:.0f} ms/iter, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
                 t_log, iters_logged, tokens_logged, flops_logged = now, 0, 0, 0.0
+        if stopping and rank == 0:
+            print(f"stopped by {signalled[0] if signalled else 'a signal to another process'} at iter {run['iter']}; "
+                  f"continue with --init_from=resume", flush=True)
+        elif sharded_ckpt and last_ckpt and rank == 0:  # the last checkpoint, whole, for sample / extract / eval
+            checkpoint.consolidate(last_ckpt, log=print)
+        if sharded_ckpt and last_ckpt:
+            dist.barrier()
     finally:
         prefetcher.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
         if log_file is not None:
             log_file.close()
     return run
