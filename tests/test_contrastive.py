@@ -395,5 +395,43 @@ def test_train_py_trains_it_and_extract_ships_it(tmp_path, hf_qwen3_dir):
                                eval_embed.load_model(enc).encode(["A man rests."]), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_train_py_two_processes_equal_one_with_the_whole_batch(tmp_path, hf_qwen3_dir):
+    """torchrun, 2 processes x 4 rows (negatives gathered) == 1 process x 8 rows: same losses, same weights."""
+    data = write(tmp_path / "nli.tsv", NLI + "".join(
+        f"Premise number {i} is here.\tStatement {i} holds.\tentailment\n"
+        f"Premise number {i} is here.\tStatement {i} fails.\tcontradiction\n" for i in range(10)))
+    common = ["--objective=contrastive", "--init_from=qwen3", f"--qwen3_path={hf_qwen3_dir}",
+              f"--contrastive_data={data}", "--contrastive_attn_dropout=0.0", "--contrastive_hidden_dropout=0.0",
+              "--contrastive_matryoshka_dims=[64, 32]", "--max_iters=3", "--eval_interval=0", "--log_interval=1",
+              "--warmup_iters=1", "--device=cpu", "--learning_rate=1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launch, extra in (("one", [], ["--batch_size=8"]),
+                                ("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                                 ["--batch_size=4", "--grad_accum=2"]),
+                                ("fsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                                 ["--batch_size=4", "--grad_accum=2", "--parallelism=fsdp"])):
+        out = tmp_path / name
+        p = subprocess.run([sys.executable, *launch, os.path.abspath(__file__), "train", *common, *extra,
+                            f"--out_dir={out}"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert p.returncode == 0, name + p.stdout[-2000:] + p.stderr[-2000:]
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        runs[name] = ([r["loss"] for r in log if "loss" in r], M.read_safetensors_dir(str(out / "ckpt-0000003")))
+    losses, weights = runs["one"]
+    assert len(losses) == 3
+    for name in ("ddp", "fsdp"):
+        np.testing.assert_allclose(runs[name][0], losses, atol=1e-5, err_msg=name)
+        assert max((runs[name][1][k] - v).abs().max().item() for k, v in weights.items()) <= 1e-5, name
+
+
 if __name__ == "__main__":
-    gather_worker(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "train":  # train.py with the objective registered (see register_in_train)
+        try:
+            register_in_train().main(sys.argv[2:])
+        finally:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    else:
+        gather_worker(sys.argv[1], sys.argv[2])
