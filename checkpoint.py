@@ -28,6 +28,7 @@ import re
 import shutil
 import struct
 import sys
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -509,7 +510,9 @@ def consolidate(path, log=None):
     meta = FileSystemReader(shards).read_metadata().state_dict_metadata
     keys = [k for k in meta if k.startswith("model.") or k in ("trim.kept", "trim.full_embed")]
     sd = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in keys}
-    dcp.load(sd, checkpoint_id=shards, no_dist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        dcp.load(sd, checkpoint_id=shards, no_dist=True)
     state = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     if "trim.kept" in sd:
         full = sd["trim.full_embed"].to(state["embed.weight"].dtype).clone()
