@@ -42,7 +42,8 @@ CONFIG = {
     "contrastive_val_data": "",            # validation data, same formats; '' = no validation loss
     "contrastive_hard_negatives": True,    # NLI: the contradiction hypothesis as a hard negative (triplets)
     "contrastive_temperature": 0.05,       # softmax temperature (SimCSE's); the initial one when learned
-    "contrastive_learn_temperature": False,  # learn log(1 / temperature) (CLIP), capped at scale 100
+    "contrastive_learn_temperature": False,  # learn log(1 / temperature) (CLIP), capped at scale 100; train.py
+                                           # must optimise Objective.parameters() (requested, not yet there)
     "contrastive_pooling": "mean",         # 'mean', 'last' (last real token) or 'cls' (first token)
     "contrastive_max_len": 64,             # tokens per text (prefix included)
     "contrastive_matryoshka_dims": [],     # e.g. [256, 128, 64, 32]: loss on each prefix; [] = the full width
@@ -100,15 +101,11 @@ def contrastive_loss(q, pos, neg=None, scale=1 / 0.05, dims=None, weights=None, 
     every process when gather is on."""
     dims = dims or [q.shape[-1]]
     weights = weights or [1.0] * len(dims)
-    cands = pos if neg is None else None
-    offset = 0
-    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        pos_all = all_gather(pos)
-        offset = dist.get_rank() * q.shape[0]
-        cands = pos_all if neg is None else torch.cat([pos_all, all_gather(neg)])
-    elif neg is not None:
-        cands = torch.cat([pos, neg])
-    target = torch.arange(q.shape[0], device=q.device) + offset
+    spread = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    g = all_gather if spread else (lambda x: x)
+    cands = g(pos) if neg is None else torch.cat([g(pos), g(neg)])
+    # this process's queries are rows rank*n .. rank*n + n-1 of the gathered batch
+    target = torch.arange(q.shape[0], device=q.device) + (dist.get_rank() * q.shape[0] if spread else 0)
     total = q.new_zeros((), dtype=torch.float32)
     for d, w in zip(dims, weights):
         total = total + w * info_nce(q[:, :d], cands[:, :d], target, scale).sum()

@@ -25,6 +25,11 @@ Retrieval (exact cosine search over the whole corpus):
     `queries_skipped`); queries in queries.jsonl but not in the qrels are not evaluated;
   - MAP@100 divides by all relevant documents of the query (trec_eval's map_cut), Recall@k too;
   - k larger than the corpus just ranks the whole corpus.
+Matryoshka: --dims 128,64 also evaluates every model at the first 128 and 64 values of its embeddings
+(renormalised) as columns MODEL@128, MODEL@64; each text is embedded once for all of them.
+Prompts: retrieval puts the model's 'query' prompt before queries and its 'document' (or 'passage') prompt
+before documents (an exported directory's or a sentence-transformers model's), unless --query_prompt /
+--doc_prompt say otherwise. STS embeds plain text.
 The JSON maps model -> task -> metric; an existing --out file is updated, so several runs build one
 side-by-side table (written next to it as .md).
 """

@@ -325,3 +325,16 @@ def test_cli_dims_write_one_column_per_dimension(tmp_path, monkeypatch):
     assert "| sts.tsv | spearman |" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit):
         E.main(["--model", "toy", "--sts", str(f), "--dims", "8,x", "--out", str(out)])
+
+
+def test_no_import_cycle_with_extract():
+    # extract.py imports eval_embed (the encoder-directory loader lives here); eval_embed never imports extract
+    import ast
+    for path, banned in (("eval_embed.py", "extract"), ("hf_encoder.py", None)):
+        tree = ast.parse(open(os.path.join(os.path.dirname(E.__file__), path)).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if banned:
+            assert banned not in names
+        else:  # copied into every exported directory: it must load without this project
+            assert names <= {"torch", "transformers"}, names
