@@ -151,13 +151,12 @@ def config_of(d):
 
 def load_encoder(path):
     """model.Qwen3 holding the encoder of `path` (its layers under decoder.*, run with attn= of our choice)."""
-    import extract
     import model as M
     from model_components import Rotary
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init {path}: no such directory")
-    ckpts = extract.list_checkpoints(path)
-    path = ckpts[-1] if ckpts else path
+    ckpts = sorted(d for d in os.listdir(path) if re.fullmatch(r"ckpt-\d{7}", d))  # a training out_dir
+    path = os.path.join(path, ckpts[-1]) if ckpts else path
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"--init {path}: no config.json; pass an extract.py directory, a UL2 checkpoint "
@@ -171,7 +170,8 @@ def load_encoder(path):
         m.rotary = Rotary(m.cfg.head_dim, m.cfg.rope_theta)
         return m
     if kind == "qwen3_encdec":
-        cfg, sd = extract.encoder_tensors(path)
+        ed = M.EncoderDecoder.from_pretrained(path)
+        cfg, sd = ed.cfg, ed.state_dict()
     elif kind in (ENCODER_MODEL_TYPE, QA_MODEL_TYPE):
         cfg, sd = config_of(d), M.read_safetensors_dir(path)
     else:
@@ -569,8 +569,9 @@ def train_loop(model, items, loss_fn, args, log):
     per_epoch = math.ceil(len(items) / args.batch_size)
     total = per_epoch * args.epochs if args.max_steps <= 0 else args.max_steps
     warmup = max(1, int(args.warmup * total))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     t0, step, stopped, losses = time.time(), 0, "steps", []
@@ -701,6 +702,8 @@ def run_task(args):
     if args.markers:
         init_marker_rows(encoder)
     encoder.set_dropout(attn=args.dropout, hidden=args.dropout)
+    if args.freeze_embed:  # a laptop model's 152K-row embedding is most of its parameters: skip their updates
+        encoder.embed.weight.requires_grad_(False)
     task = {"qa": "qa", "nli": "classify", "sts": "regress"}[args.command]
     model = TaskModel(encoder, task, args.attn, args.pooling, dropout=args.dropout)
     log(f"{args.command}: init {args.init} ({encoder.cfg.num_layers} layers, hidden {encoder.cfg.hidden_size}), "
@@ -781,6 +784,7 @@ def main(argv=None):
         s.add_argument("--max_answer_len", type=int, default=30)
         s.add_argument("--n_best", type=int, default=20)
         s.add_argument("--evidence_threshold", type=float, default=0.8)
+        s.add_argument("--freeze_embed", action="store_true", help="do not train the embedding matrix")
         s.add_argument("--lr", type=float, default=1e-4)
         s.add_argument("--weight_decay", type=float, default=0.01)
         s.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")

@@ -310,9 +310,16 @@ def test_commands_end_to_end(hf_qwen3_dir, tmp_path, shared_data, capsys):
               "--batch_size", "8", "--log_interval", "1"]
     for task, metric in (("nli", "accuracy"), ("sts", "spearman")):
         out = tmp_path / task
-        F.main([task, "--out", str(out), *common, "--attn", "causal", "--pooling", "last"])
+        F.main([task, "--out", str(out), *common, "--attn", "causal", "--pooling", "last"] +
+               (["--freeze_embed"] if task == "sts" else []))
         res = json.loads((out / "results.json").read_text())
         assert res["train"]["steps"] == 2 and res["val"]["pairs"] == 24 and metric in res["val"]
+        from safetensors.torch import load_file
+        sd = load_file(str(out / "model.safetensors"))
+        start = F.load_encoder(hf_qwen3_dir)
+        assert torch.equal(sd["encoder.embed.weight"], start.embed.weight) == (task == "sts")
+        assert not torch.equal(sd["encoder.decoder.layers.0.mlp.up_proj.weight"],
+                               start.decoder.layers[0].mlp.up_proj.weight)
     out = tmp_path / "qa"
     F.main(["qa", "--out", str(out), *common, "--max_len", "128", "--doc_stride", "32"])
     res = json.loads((out / "results.json").read_text())
