@@ -46,7 +46,7 @@ class Lion(torch.optim.Optimizer):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 m, g = state["exp_avg"], p.grad
-                update = torch.sign(m.lerp(g, 1 - b1))  # b1 * m + (1 - b1) * g
+                update = m.lerp(g, 1 - b1).sign_()  # sign(b1 * m + (1 - b1) * g); one temporary
                 if wd:
                     p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr)
