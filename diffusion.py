@@ -431,15 +431,17 @@ class _Caller:
         if cache and self.qwen3 is None:
             raise ValueError("generate: cache needs the project's Qwen3 (its blocks are run by hand), not a callable")
 
-    def __call__(self, x, lo, hi, first_step):
+    def __call__(self, x, lo, hi, first_step, sel):
+        """Logits [N, V] of the block positions selected by sel [B, hi - lo] (the masked ones: the LM head,
+        the softmax and the argmax run on nothing else)."""
         self.nfe += 1
         B, T = x.shape
         if not self.cache:
             if self.qwen3 is not None:
                 h = self.qwen3.hidden(x, self.key_mask, attn="bidirectional", attn_mask=self.attn_mask)
-                return F.linear(h[:, lo:hi], self.qwen3.head_weight)
+                return F.linear(h[:, lo:hi][sel], self.qwen3.head_weight)
             am = self.attn_mask if self.attn_mask is not None else self.key_mask
-            return self.model(x, am)[:, lo:hi]
+            return self.model(x, am)[:, lo:hi][sel]
         m = self.qwen3
         mask = self.attn_mask
         if mask is None and self.key_mask is not None:
@@ -455,12 +457,12 @@ class _Caller:
             h, kv = forward_kv(m, x[:, :end], pos[:, :end], None if mask is None else mask[:, :end, :end])
             self.past = [(k[:, :, :lo], v[:, :, :lo]) for k, v in kv]
             self.suffix = [(k[:, :, hi:], v[:, :, hi:]) for k, v in kv] if dual else None
-            return F.linear(h[:, lo:hi], m.head_weight)
+            return F.linear(h[:, lo:hi][sel], m.head_weight)
         stop = hi if (self.attn_mask is not None or dual) else T
         keys = T if dual else stop
         h, _ = forward_kv(m, x[:, lo:stop], pos[:, lo:stop], None if mask is None else mask[:, lo:stop, :keys],
                           past=self.past, suffix=self.suffix)
-        return F.linear(h[:, :hi - lo], m.head_weight)
+        return F.linear(h[:, :hi - lo][sel], m.head_weight)
 
 
 @torch.no_grad()
@@ -481,7 +483,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     softmax, after the prediction) so they are committed last.
 
     Beyond the reference: threshold (a float) commits every masked token of the block whose confidence is
-    >= threshold (at least the most confident one) and loops until the block is full, ignoring `steps`;
+    >= threshold (at least the most confident one) and loops until the block is full, ignoring `steps` (the
+    mask token itself is never predicted there);
     cache='prefix' | 'dual' reuses the keys/values before the block (and, 'dual', after it) from the block's
     first step; block_attention uses block_attention_mask (then the prefix cache is exact).
 
@@ -538,28 +541,33 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             if cfg_scale > 0:
                 un_x = x.clone()
                 un_x[prompt_index] = mask_id
-                both = call(torch.cat([x, un_x]), lo, hi, first)
-                cond, un = both[:B], both[B:]
+                both = call(torch.cat([x, un_x]), lo, hi, first, masked.repeat(2, 1))
+                cond, un = both[:len(both) // 2], both[len(both) // 2:]
                 logits = un + (cfg_scale + 1) * (cond - un)
             else:
-                logits = call(x, lo, hi, first)
+                logits = call(x, lo, hi, first, masked)   # [N, V]: the masked positions of the block, row-major
             first = False
             if logits_eos_inf:
-                logits[:, :, eos_id] = -torch.inf
-            x0 = gumbel_argmax(logits, temperature, generator)
+                logits[:, eos_id] = -torch.inf
+            if threshold is not None and mask_id < logits.shape[-1]:
+                # a committed mask token would leave its position masked and the block would never fill
+                # (the reference's scheduled steps just leave such a hole; they are kept as they are)
+                logits[:, mask_id] = -torch.inf
+            pred = gumbel_argmax(logits, temperature, generator)
             if remasking == "random":
-                conf = torch.rand(x0.shape, generator=generator).to(device)
+                c = torch.rand(masked.shape, generator=generator).to(device)[masked]
             else:
                 if confidence_eos_eot_inf:
-                    logits[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
-                p = F.softmax(logits.float(), dim=-1)
-                conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+                    logits[:, eos_id] = logits[:, eot_id] = -torch.inf
+                c = torch.gather(F.softmax(logits.float(), dim=-1), -1, pred[:, None]).squeeze(-1)
                 if remasking == "random_topk":
-                    u = torch.rand(x0.shape, dtype=torch.float64, generator=generator).to(device)
-                    frac = masked.double().mean(1, keepdim=True)
-                    conf = conf.double().log() - remask_temperature * frac * torch.log(-torch.log(u))
-            x0 = torch.where(masked, x0, x[:, lo:hi])
-            conf = torch.where(masked, conf, torch.full_like(conf, -torch.inf))
+                    u = torch.rand(masked.shape, dtype=torch.float64, generator=generator).to(device)[masked]
+                    frac = masked.double().mean(1, keepdim=True).expand(masked.shape)[masked]
+                    c = c.double().log() - remask_temperature * frac * torch.log(-torch.log(u))
+            x0 = x[:, lo:hi].clone()
+            x0[masked] = pred
+            conf = torch.full(masked.shape, -torch.inf, dtype=c.dtype, device=device)
+            conf[masked] = c
             commit = torch.zeros_like(masked)
             for j in range(B):
                 if threshold is None:
