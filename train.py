@@ -38,16 +38,18 @@ from tokenizer import IGNORE_INDEX, NUM_SENTINELS
 from vocab_trim import VocabTrim, used_ids
 
 # objective name -> module (a file with `Objective` and `CONFIG`): a new objective is a file and a line here
-OBJECTIVES = {"ul2": "ul2", "causal": "causal"}
+OBJECTIVES = {"ul2": "ul2", "causal": "causal", "contrastive": "contrastive", "diffusion": "diffusion"}
 
 _names_before_config = set(globals())
 # ---- run, checkpoints, logging
 out_dir = "out"
-init_from = "scratch"           # 'scratch' (model_preset), 'qwen3' (qwen3_path), 'resume' (latest checkpoint in out_dir)
+init_from = "scratch"           # 'scratch' (model_preset), 'qwen3' (qwen3_path), 'resume' (latest checkpoint in out_dir),
+                                # 'pretrained' (init_path, a directory the objective reads: e.g. a UL2 run for contrastive)
 objective = "ul2"               # a key of OBJECTIVES: 'ul2' (encoder-decoder), 'causal' (decoder-only Qwen3), ...
 model_preset = "tiny_encdec"    # a model_config.py preset, for init_from='scratch'
 model_overrides = {}            # ModelConfig fields replacing the preset's, e.g. {'hidden_size': 128}
 qwen3_path = ""                 # Hugging Face Qwen3 directory or hub name, for init_from='qwen3'
+init_path = ""                  # for init_from='pretrained'
 max_iters = 1000
 log_interval = 10
 eval_interval = 250             # 0: never evaluate
@@ -103,7 +105,7 @@ class Fail(Exception):
 # config checks and model shape, all before anything heavy
 
 def check_config(c, world):
-    choices = {"init_from": ("scratch", "qwen3", "resume"), "parallelism": ("ddp", "zero1", "fsdp"),
+    choices = {"init_from": ("scratch", "qwen3", "resume", "pretrained"), "parallelism": ("ddp", "zero1", "fsdp"),
                "objective": tuple(OBJECTIVES),
                "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
                "optimizer": optim_lib.OPTIMIZERS}
@@ -121,6 +123,8 @@ def check_config(c, world):
         raise Fail(f"grad_accum={c.grad_accum} must be a multiple of the number of processes ({world})")
     if c.init_from == "qwen3" and not c.qwen3_path:
         raise Fail("init_from='qwen3' needs --qwen3_path=DIR (a Hugging Face Qwen3 checkpoint directory or hub name)")
+    if c.init_from == "pretrained" and not os.path.isdir(c.init_path):
+        raise Fail(f"init_from='pretrained' needs --init_path=DIR, an existing directory (got {c.init_path!r})")
 
 
 def find_qwen3(path):
@@ -143,10 +147,15 @@ def find_qwen3(path):
 list_checkpoints = checkpoint.list_checkpoints  # the one rule (checkpoint.py); kept for scripts and tests
 
 
-def model_shape(c, model_type):
+def model_shape(c, Objective):
     """(ModelConfig, Qwen3 directory or checkpoint directory) without loading any weights."""
-    decoder_only = model_type == "decoder"
-    if c.init_from == "scratch":
+    decoder_only = Objective.model_type == "decoder"
+    if c.init_from == "pretrained":
+        if not hasattr(Objective, "init_config"):
+            raise Fail(f"objective '{c.objective}' reads no pretrained directory; use init_from='qwen3' or 'resume'")
+        mcfg, source = Objective.init_config(c.init_path), c.init_path
+        mcfg = ModelConfig.from_dict({**mcfg.to_dict(), **c.model_overrides})
+    elif c.init_from == "scratch":
         mcfg, source = get_preset(c.model_preset, **c.model_overrides), None
     elif c.init_from == "qwen3":
         source = find_qwen3(c.qwen3_path)
@@ -326,15 +335,16 @@ def main(argv):
     Objective = importlib.import_module(OBJECTIVES[c.objective]).Objective
     try:
         check_out_dir(c)
-        mcfg, source = model_shape(c, Objective.model_type)
+        mcfg, source = model_shape(c, Objective)
         obj = Objective(c, mcfg, rank, world)
     except (ValueError, OSError) as e:  # messages from model_config / objectives / shards name the file or key
         raise Fail(str(e)) from None
     trim = None
-    if c.trim_vocab:
-        if not getattr(obj, "shard_sets", None):
-            raise Fail(f"trim_vocab=True needs token shards, and objective '{c.objective}' reads none; drop trim_vocab")
-        trim = VocabTrim(used_ids(obj.shard_sets, mcfg.vocab_size, obj.extra_ids), mcfg.vocab_size)
+    if c.trim_vocab:  # the ids the shards hold, and those the objective writes (all of them, for text objectives)
+        shard_sets = getattr(obj, "shard_sets", [])
+        if not shard_sets and not len(getattr(obj, "extra_ids", ())):
+            raise Fail(f"trim_vocab=True: objective '{c.objective}' names no token ids to keep; drop trim_vocab")
+        trim = VocabTrim(used_ids(shard_sets, mcfg.vocab_size, obj.extra_ids), mcfg.vocab_size)
 
     if world > 1:
         if use_cuda:
@@ -350,7 +360,7 @@ def main(argv):
             with torch.device("meta") if meta else nullcontext():
                 raw = (Qwen3 if Objective.model_type == "decoder" else EncoderDecoder)(mcfg)
         else:
-            raw = obj.load_init(source) if c.init_from == "qwen3" and hasattr(obj, "load_init") else None
+            raw = obj.load_init(source) if c.init_from in ("qwen3", "pretrained") and hasattr(obj, "load_init") else None
             raw = raw or load_model(c, mcfg, source, Objective.model_type)
     except (ValueError, OSError) as e:
         raise Fail(f"cannot load {source}: {e}") from None
@@ -368,7 +378,11 @@ def main(argv):
     model = parallelize(raw, c, world, dev, ptdtype)
     if _sharded(c, world):
         place(raw)  # after sharding: only this process's shards reach the device
-    opt = optim_lib.make_optimizer(raw, c, world, log=optim_lib.warn if rank == 0 else lambda m: None)
+    # an objective's own trained parameters (a learnable temperature), optimised and checkpointed with the model
+    extra = list(obj.parameters()) if hasattr(obj, "parameters") else []
+    for _, p in extra:
+        p.data = p.data.to(dev)
+    opt = optim_lib.make_optimizer(raw, c, world, extra, log=optim_lib.warn if rank == 0 else lambda m: None)
     if c.init_from == "resume":
         try:  # weights, optimizer state and this process's RNG; each process reads what it holds
             saved = checkpoint.load(source, raw, opt, world, rank, trim)
@@ -376,6 +390,8 @@ def main(argv):
             raise Fail(f"cannot resume from {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
                 from None
         run.update({k: saved[k] for k in run})
+        for name, p in extra:
+            p.data.copy_(torch.tensor(saved["objective_params"][name], dtype=p.dtype))
         note = schedule_change(saved.get("config", {}), c, run["iter"])
         if note and rank == 0:
             print(note)
@@ -440,8 +456,9 @@ def main(argv):
                 log({"iter": it, **ev}, f"iter {it}: val loss {ev['val_loss']:.4f} (" +
                     ", ".join(f"{k[4:]} {v:.3f}" for k, v in ev.items() if k.startswith("val/")) + ")")
             if it > iter0 and (stopping or (c.ckpt_interval and it % c.ckpt_interval == 0) or it == c.max_iters):
-                last_ckpt = checkpoint.save(c.out_dir, it, raw, opt, {**run, "parallelism": c.parallelism,
-                                            "config": vars(c)}, world, rank, sharded_ckpt, trim, c.keep_last)
+                state = {**run, "parallelism": c.parallelism, "config": vars(c),
+                         "objective_params": {n: p.detach().cpu().tolist() for n, p in extra}}
+                last_ckpt = checkpoint.save(c.out_dir, it, raw, opt, state, world, rank, sharded_ckpt, trim, c.keep_last)
                 if rank == 0:
                     print(f"iter {it}: checkpoint {last_ckpt}{' (sharded)' if sharded_ckpt else ''}", flush=True)
             if it == c.max_iters or stopping:
@@ -473,10 +490,11 @@ def main(argv):
             loss_value = (totals[0] / totals[1].clamp(min=1)).item()
             # DDP and FSDP average gradients over processes: undo that, then divide by the global count
             scale = world / max(totals[1].item(), 1.0)
-            for p in model.parameters():
+            params = [*model.parameters(), *(p for _, p in extra)]
+            for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float("inf"))
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if math.isfinite(loss_value) and math.isfinite(norm):
                 opt.step()
@@ -515,6 +533,11 @@ def main(argv):
             checkpoint.consolidate(last_ckpt, log=print)
         if sharded_ckpt and last_ckpt:
             dist.barrier()
+        if rank == 0 and not stopping:
+            val = f", val loss {run['val_loss']:.4f}" if run["val_loss"] is not None else ""
+            print(f"done: {run['iter'] - iter0} iterations in {time.strftime('%H:%M:%S', time.gmtime(time.time() - t_start))}"
+                  f"{val}; last checkpoint {last_ckpt or 'none'} (sample.py / extract.py / eval_embed.py read it)",
+                  flush=True)
     finally:
         prefetcher.close()
         for s, h in handlers.items():
