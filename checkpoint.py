@@ -123,7 +123,7 @@ def list_checkpoints(out_dir):
     return [os.path.join(out_dir, n) for n in sorted(found)]
 
 
-def _check_safetensors(path):
+def check_safetensors(path):
     """The file is as long as its header says (8-byte header length, JSON header, data)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -184,11 +184,11 @@ def check(path, weights=False):
     has_weights = os.path.isfile(os.path.join(path, "model.safetensors")) or \
         os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     if os.path.isfile(os.path.join(path, "model.safetensors")):
-        _check_safetensors(need("model.safetensors"))
+        check_safetensors(need("model.safetensors"))
     elif os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
         index = _check_json(need("model.safetensors.index.json"))
         for name in sorted(set(index.get("weight_map", {}).values())):
-            _check_safetensors(need(name))
+            check_safetensors(need(name))
     if weights and not has_weights:
         raise CheckpointError(f"{path} is sharded and has no model.safetensors yet; run "
                               f"python checkpoint.py consolidate {path}" if sharded else
@@ -200,7 +200,7 @@ def check(path, weights=False):
         _check_shards(os.path.join(path, SHARDS))
         return "sharded"
     if trainer:
-        _check_safetensors(need("trainer_state.safetensors"))
+        check_safetensors(need("trainer_state.safetensors"))
         if not has_weights:
             need("model.safetensors")
         return "full"

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+import checkpoint
 import kernels
 import model_components as components
 from model_components import Block, KVCache, RMSNorm, Rotary, build_mask
@@ -106,29 +106,16 @@ def read_safetensors_dir(path):
                                 "pass a checkpoint directory written by save_pretrained")
     tensors = {}
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
+        file = os.path.join(path, name)
+        checkpoint.check_safetensors(file)  # a truncated or damaged file: one line naming it, not a traceback
+        with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
     return tensors
 
 
-def write_atomic(path, write):
-    """Write through `write(tmp_path)`, then rename: a crash never leaves a half file under `path`."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    def dump(p):
-        with open(p, "w") as f:
-            json.dump(obj, f, indent=2)
-    write_atomic(path, dump)
-
-
-def write_safetensors(path, tensors):
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+# every file is written through checkpoint.py's one atomic write (temporary name, fsync, rename)
+write_json, write_safetensors = checkpoint.write_json, checkpoint.write_safetensors
 
 
 def _read_config(path):
