@@ -591,6 +591,7 @@ CONFIG = {
     "diffusion_data": "pretrain",       # 'pretrain': windows of the token shards in data_dir; 'sft': conversation JSONL
     "diffusion_sft_train": "",          # SFT: train JSONL ({"conversations": [...], "system": ...} per line)
     "diffusion_sft_val": "",            # SFT: validation JSONL ('' = no validation)
+                                        # (SFT with trim_vocab keeps the ids of data_dir's shards and the SFT files)
     "diffusion_seq_len": 0,             # tokens per row; 0 = dec_len
     "diffusion_loss": "llada",          # 'llada' (CE / p_mask, / b*l), 'dllm' (mean CE per sequence), 'soft_ce'
     "diffusion_label_smoothing": 0.1,   # soft_ce only
@@ -662,6 +663,9 @@ class Objective:
             if self.val is not None:
                 used |= set(np.unique(self.val[0]).tolist())
             self.extra_ids = tuple(sorted(used | set(Objective.extra_ids)))  # what trim_vocab must keep
+            if c.trim_vocab:  # train.py trims to the ids of shard_sets + extra_ids: the pretraining shards' ids
+                from data import open_shards
+                self.shard_sets = [open_shards(c, model_cfg, "train", with_sentinels=False)]
             self._epoch, self._perm = -1, None
 
     def _load_sft(self, tok, path, key):

@@ -654,6 +654,20 @@ def test_train_py_runs_the_objective_and_saves_a_loadable_qwen3(tmp_path, train_
     assert model.cfg.vocab_size == 151936
     x = torch.tensor([[5, 6, D.MASK_ID, 7]])
     assert torch.isfinite(model(x, attn="bidirectional")[0]).all()
+    # SFT from that checkpoint, vocabulary trimmed to the shards' ids plus the conversations'
+    h, g = "human", "gpt"
+    convs = [{"system": "s", "conversations": [{"from": h, "value": f"question {i}"}, {"from": g, "value": f"answer {i}"}]}
+             for i in range(20)]
+    sft_train = write_jsonl(tmp_path / "train.jsonl", convs)
+    sft_val = write_jsonl(tmp_path / "val.jsonl", convs[:4])
+    out2 = str(tmp_path / "sft")
+    train.main([f"--out_dir={out2}", "--objective=diffusion", "--diffusion_data=sft", "--init_from=qwen3",
+                f"--qwen3_path={ckpt}", f"--data_dir={data}", f"--diffusion_sft_train={sft_train}",
+                f"--diffusion_sft_val={sft_val}", "--max_iters=4", "--batch_size=4", "--dec_len=32",
+                "--eval_interval=4", "--eval_iters=1", "--trim_vocab=True", "--device=cpu", "--prefetch=1"])
+    log = [json.loads(l) for l in open(f"{out2}/log.jsonl")]
+    assert all(math.isfinite(r["val_loss"]) for r in log if "val_loss" in r)
+    assert Qwen3.from_pretrained(train.list_checkpoints(out2)[-1]).cfg.vocab_size == 151936
 
 
 def test_squad_sft_prepare_writes_readable_conversations(tmp_path):
