@@ -690,14 +690,15 @@ def run_task(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = tk.load_tokenizer()
-    encoder = load_encoder(args.init)  # bad --init fails before anything is written
-    os.makedirs(args.out, exist_ok=True)
-    log_f = open(os.path.join(args.out, "log.txt"), "w")
+    encoder = load_encoder(args.init)
+    lines = []
 
-    def log(msg):
+    def log(msg):  # --out (and its log.txt) appears only once the model and the data have loaded
         print(msg, flush=True)
-        log_f.write(msg + "\n")
-        log_f.flush()
+        lines.append(msg)
+        if os.path.isdir(args.out):
+            with open(os.path.join(args.out, "log.txt"), "w") as f:
+                f.write("\n".join(lines) + "\n")
 
     if args.markers:
         init_marker_rows(encoder)
@@ -727,6 +728,7 @@ def run_task(args):
                     for a in val_data]
         settings = qa_settings(args)
         feats = qa_features(tok, train_ex, args.max_len, args.doc_stride, args.max_query_len, args.markers)
+        os.makedirs(args.out, exist_ok=True)
         log(f"train: {len(train_ex)} questions, {len(feats)} windows; val: {len(val_ex)} questions")
         result["train"] = train_loop(model, feats, lambda fs: qa_loss(model, fs, args.padding_side), args, log)
         preds, nbest = predict_qa(model, tok, val_ex, settings, args.eval_batch_size)
@@ -742,6 +744,7 @@ def run_task(args):
         train, val = subsample(train, args.max_train, args.seed), subsample(val, args.max_eval, args.seed + 1)
         items = list(zip(pair_ids(tok, train, args.max_len, args.markers), [p[2] for p in train]))
         val_rows = pair_ids(tok, val, args.max_len, args.markers)
+        os.makedirs(args.out, exist_ok=True)
         log(f"train: {len(train)} pairs; val: {len(val)} pairs")
 
         def loss_fn(batch):

@@ -294,6 +294,8 @@ def test_export_pipeline_gives_project_answers(hf_qwen3_dir, tok, tmp_path, attn
         assert [(g["answer"], g["start"], g["end"]) for g in got] == [(w["text"], w["start"], w["end"]) for w in want]
         assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], rel=1e-4)
         assert got[0]["answer"] == preds[e["id"]] != ""
+    batch = qa(question=[e["question"] for e in examples], context=[e["context"] for e in examples])
+    assert [b["answer"] for b in batch] == [preds[e["id"]] for e in examples]
     # the model alone: same logits as the project's TaskModel
     hf = AutoModelForQuestionAnswering.from_pretrained(out, trust_remote_code=True).eval()
     rows = [tok.encode(c) for c in contexts]
@@ -343,3 +345,8 @@ def test_commands_end_to_end(hf_qwen3_dir, tmp_path, shared_data, capsys):
         F.main(["nli", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and "missing" in err and not (tmp_path / "x").exists()
+    (tmp_path / "bad.tsv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(SystemExit) as e:
+        F.main(["sts", "--init", hf_qwen3_dir, "--out", str(tmp_path / "y"), "--train", str(tmp_path / "bad.tsv")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "bad.tsv" in err and "sentence1" in err and not (tmp_path / "y").exists()
