@@ -225,6 +225,8 @@ class TaskModel(nn.Module):
                 nn.init.zeros_(mod.bias)
 
     def forward(self, ids, mask):
+        dev = self.encoder.embed.weight.device
+        ids, mask = ids.to(dev), mask.to(dev)
         h = self.encoder.hidden(ids, mask, attn=self.attn)
         if self.task == "qa":
             start, end = self.qa_head(h).float().unbind(-1)
@@ -467,7 +469,7 @@ def qa_logits(model, feats, batch_size=32, padding_side="right"):
         start, end = model(ids, mask)
         for r, k in enumerate(idx):
             s, n = int(shift[r]), len(feats[k]["ids"])
-            out[k] = (start[r, s:s + n].numpy(), end[r, s:s + n].numpy())
+            out[k] = (start[r, s:s + n].cpu().numpy(), end[r, s:s + n].cpu().numpy())
     return out
 
 
@@ -482,9 +484,9 @@ def predict_qa(model, tok, examples, settings, batch_size=32):
 def qa_loss(model, feats, padding_side):
     ids, mask, shift = collate([f["ids"] for f in feats], padding_side)
     start, end = model(ids, mask)
-    allowed = allowed_positions(feats, ids.shape[1], shift)
-    ys = torch.tensor([f["start"] for f in feats]) + shift
-    ye = torch.tensor([f["end"] for f in feats]) + shift
+    allowed = allowed_positions(feats, ids.shape[1], shift).to(start.device)
+    ys = (torch.tensor([f["start"] for f in feats]) + shift).to(start.device)
+    ye = (torch.tensor([f["end"] for f in feats]) + shift).to(start.device)
     start, end = start.masked_fill(~allowed, float("-inf")), end.masked_fill(~allowed, float("-inf"))
     return (F.cross_entropy(start, ys) + F.cross_entropy(end, ye)) / 2
 
@@ -535,7 +537,7 @@ def pair_outputs(model, rows, batch_size=64, padding_side="right"):
         ids, mask, _ = collate([rows[k] for k in idx], padding_side)
         y = model(ids, mask)
         for r, k in enumerate(idx):
-            out[k] = y[r].numpy()
+            out[k] = y[r].cpu().numpy()
     return np.stack(out)
 
 
@@ -706,7 +708,7 @@ def run_task(args):
     if args.freeze_embed:  # a laptop model's 152K-row embedding is most of its parameters: skip their updates
         encoder.embed.weight.requires_grad_(False)
     task = {"qa": "qa", "nli": "classify", "sts": "regress"}[args.command]
-    model = TaskModel(encoder, task, args.attn, args.pooling, dropout=args.dropout)
+    model = TaskModel(encoder, task, args.attn, args.pooling, dropout=args.dropout).to(args.device)
     log(f"{args.command}: init {args.init} ({encoder.cfg.num_layers} layers, hidden {encoder.cfg.hidden_size}), "
         f"attn {args.attn}, pooling {args.pooling}, dropout {args.dropout}, padding {args.padding_side}")
     result = {"task": args.command, "init": os.path.abspath(args.init), "settings": vars(args)}
@@ -751,14 +753,14 @@ def run_task(args):
             ids, mask, _ = collate([x for x, _ in batch], args.padding_side)
             y = model(ids, mask)
             if task == "classify":
-                return F.cross_entropy(y, torch.tensor([t for _, t in batch]))
-            return F.mse_loss(y, torch.tensor([t / 5.0 for _, t in batch]))
+                return F.cross_entropy(y, torch.tensor([t for _, t in batch], device=y.device))
+            return F.mse_loss(y, torch.tensor([t / 5.0 for _, t in batch], device=y.device))
 
         result["train"] = train_loop(model, items, loss_fn, args, log)
         outputs = pair_outputs(model, val_rows, args.eval_batch_size, args.padding_side)
         result["val"] = pair_metrics(task, outputs, [p[2] for p in val])
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                   os.path.join(args.out, "model.safetensors"))
     log("val: " + json.dumps(result["val"]))
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -800,6 +802,7 @@ def main(argv=None):
         s.add_argument("--max_eval", type=int, default=0, help="use a random subset of the validation examples")
         s.add_argument("--log_interval", type=int, default=20)
         s.add_argument("--threads", type=int, default=0)
+        s.add_argument("--device", default="cpu", help="cpu, cuda, ... (fp32 throughout)")
         s.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("predict", help="answer every question of a SQuAD file with a QA directory")
     s.add_argument("--model", required=True)
