@@ -215,15 +215,15 @@ def start_source(path):
     """(config.json path's directory, its model_type) of a starting point; a training out_dir gives its newest
     checkpoint."""
     import json
-    import extract
+    import checkpoint
     if not os.path.isdir(path):
         raise ValueError(f"init path {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        ckpts = extract.list_checkpoints(path)
-        if not ckpts:
+        found = checkpoint.newest(path, weights=True)
+        if found is None:
             raise ValueError(f"init path {path}: no config.json and no ckpt-NNNNNNN directories; pass a UL2 "
                              "checkpoint, a training out_dir, an extracted encoder or a Qwen3 directory")
-        path = ckpts[-1]
+        path = found
     with open(os.path.join(path, "config.json")) as f:
         d = json.load(f)
     kind = d.get("model_type")

@@ -639,10 +639,12 @@ def markdown_table(results):
 
 
 def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    import checkpoint
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    checkpoint.write_atomic(path, write)
 
 
 def task_name(path):

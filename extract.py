@@ -30,17 +30,16 @@ token, no eos; a prompt is text prepended to the text.
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 
 import torch
 
+import checkpoint
 import eval_embed
 
 MODEL_TYPE = eval_embed.MODEL_TYPE  # the directory loads through eval_embed.load_encoder_dir
 POOLINGS = ("mean", "cls", "last")
-CKPT_RE = re.compile(r"^ckpt-(\d{7})$")
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERIFY_TEXTS = [
     "A man is playing a guitar.",
@@ -60,34 +59,32 @@ def fail(msg):
 # ---------------------------------------------------------------------------------------
 # reading checkpoints
 
-def list_checkpoints(out_dir):
-    """Complete checkpoints ckpt-XXXXXXX of a training out_dir, oldest first (`.tmp` ones are partial)."""
-    found = [(int(m.group(1)), os.path.join(out_dir, d)) for d in os.listdir(out_dir)
-             if (m := CKPT_RE.match(d)) and os.path.isdir(os.path.join(out_dir, d))]
-    return [p for _, p in sorted(found)]
-
-
-def is_checkpoint(path):
-    return os.path.isfile(os.path.join(path, "config.json")) and (
-        os.path.isfile(os.path.join(path, "model.safetensors"))
-        or os.path.isfile(os.path.join(path, "model.safetensors.index.json")))
-
-
 def resolve_checkpoints(ckpt, average_last=1):
-    """--ckpt and --average_last -> the checkpoint directories to read."""
+    """--ckpt and --average_last -> the checkpoint directories to read: a checkpoint as it is, or the newest
+    complete one(s) of a training out_dir (checkpoint.py's rule; damaged or unconsolidated ones are skipped)."""
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt}: no such directory")
-    ckpts = list_checkpoints(ckpt)
-    if ckpts:
-        if average_last > len(ckpts):
-            raise ValueError(f"--average_last {average_last}: {ckpt} has only {len(ckpts)} complete checkpoints")
-        return ckpts[-average_last:]
+    ckpts = checkpoint.list_checkpoints(ckpt)
+    if ckpts and not os.path.isfile(os.path.join(ckpt, "config.json")):
+        if average_last == 1:
+            return [checkpoint.newest(ckpt, weights=True)]
+        complete = []
+        for p in ckpts:
+            try:
+                checkpoint.check(p, weights=True)
+                complete.append(p)
+            except checkpoint.CheckpointError:
+                pass
+        if average_last > len(complete):
+            raise ValueError(f"--average_last {average_last}: {ckpt} has only {len(complete)} complete checkpoints")
+        return complete[-average_last:]
     if average_last > 1:
         raise ValueError(f"--average_last {average_last} needs a training out_dir holding ckpt-XXXXXXX "
                          f"directories; {ckpt} has none")
-    if not is_checkpoint(ckpt):
+    if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise FileNotFoundError(f"--ckpt {ckpt}: neither a checkpoint (config.json + model.safetensors) "
                                 "nor an out_dir with ckpt-XXXXXXX directories")
+    checkpoint.check(ckpt, weights=True)
     return [ckpt]
 
 
@@ -138,6 +135,7 @@ def average_checkpoints(paths):
 # writing
 
 def write_json(path, obj):
+    """Inside the temporary directory that checkpoint.publish makes appear whole."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
@@ -195,18 +193,6 @@ def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len
     if prompts:
         st.update(prompts=prompts, default_prompt_name=None)
     write_json(os.path.join(out, "config_sentence_transformers.json"), st)
-
-
-def replace_dir(tmp, out):
-    """Move the finished `tmp` directory to `out`, replacing an old one only once the new one is complete."""
-    old = None
-    if os.path.exists(out):
-        old = out + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,7 +294,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         fail(str(e))
-    replace_dir(tmp, args.out)
+    checkpoint.publish(tmp, args.out)  # an existing --out is replaced only by a complete new one
     n = sum(v.numel() for v in tensors.values())
     print(f"wrote {args.out}: {cfg.num_encoder_layers} encoder layers, {n / 1e6:.1f}M parameters, "
           f"pooling {pooling}{'' if args.no_normalize else ', normalised'}"

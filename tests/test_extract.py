@@ -199,6 +199,8 @@ def contrastive_checkpoint(root):
     ckpt = root / "crun" / "ckpt-0000003"
     m.save_pretrained(str(ckpt))
     (ckpt / "trainer_state.json").write_text(json.dumps({"iter": 3, "config": run_cfg}))
+    from safetensors.torch import save_file
+    save_file({"rng.torch.0": torch.get_rng_state()}, str(ckpt / "trainer_state.safetensors"))
     return m.eval(), str(root / "crun")
 
 
