@@ -313,8 +313,8 @@ def sft_rows(ids, prompt_len, rng_for_row, first, *, loss_kind="llada", reweight
 
 def mc_rows(ids, prompt_len, rng, mask_id=MASK_ID):
     """One noised copy per row for the Monte-Carlo estimate: l ~ U{1..L} answer tokens masked uniformly at
-    random (L = answer length); weight L / l, so sum over masked CE * L / l is an unbiased estimate of the
-    upper bound -log p(answer | prompt) >= ... ; units: answer tokens (a per-token NLL)."""
+    random (L = answer length), weight L / l: the weighted CE sum is an unbiased estimate of LLaDA's bound on
+    -log p(answer | prompt); units: answer tokens, so the group reports a per-token conditional NLL."""
     ids = np.asarray(ids, dtype=np.int64)
     B, T = ids.shape
     noisy, w = ids.copy(), np.zeros((B, T), np.float32)

@@ -56,7 +56,7 @@ def main(argv=None):
     p.add_argument("--mb", type=float, default=4.0, help="MB of Wikipedia text")
     p.add_argument("--decoder_iters", type=int, default=150)
     p.add_argument("--diffusion_iters", type=int, default=200)
-    p.add_argument("--sft_iters", type=int, default=150)
+    p.add_argument("--sft_iters", type=int, default=100)
     p.add_argument("--threads", default="2")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", args.threads)
@@ -81,8 +81,8 @@ def main(argv=None):
         out = os.path.join(args.out, "decoder")
         if latest(out) is None:
             run([py, "train.py", "config/laptop_decoder.py", f"--data_dir={data}", f"--out_dir={out}",
-                 f"--max_iters={args.decoder_iters}", f"--eval_interval={args.decoder_iters}", "--log_interval=25",
-                 "--warmup_iters=20"], os.path.join(args.out, "decoder.log"))
+                 f"--max_iters={args.decoder_iters}", f"--eval_interval={args.decoder_iters}", "--log_interval=10",
+                 "--eval_iters=4", "--warmup_iters=10"], os.path.join(args.out, "decoder.log"))
         decoder = latest(out)
 
     # 3. masked diffusion on Wikipedia from the decoder's weights
@@ -90,8 +90,8 @@ def main(argv=None):
     if latest(mdm) is None:
         run([py, "-c", TRAIN, "--objective=diffusion", "--init_from=qwen3", f"--qwen3_path={decoder}",
              f"--data_dir={data}", f"--out_dir={mdm}", "--trim_vocab=True", "--dec_len=128", "--batch_size=16",
-             f"--max_iters={args.diffusion_iters}", f"--eval_interval={args.diffusion_iters}", "--eval_iters=10",
-             "--log_interval=25", "--warmup_iters=20", "--learning_rate=1e-3", "--min_lr=1e-4", "--ckpt_interval=0",
+             f"--max_iters={args.diffusion_iters}", f"--eval_interval={args.diffusion_iters}", "--eval_iters=4",
+             "--log_interval=10", "--warmup_iters=10", "--learning_rate=1e-3", "--min_lr=1e-4", "--ckpt_interval=0",
              "--keep_last=1", "--device=cpu"], os.path.join(args.out, "mdm.log"))
 
     # 4. SFT on SQuAD conversations
@@ -103,8 +103,8 @@ def main(argv=None):
         run([py, "-c", TRAIN, "--objective=diffusion", "--diffusion_data=sft", "--init_from=qwen3",
              f"--qwen3_path={latest(mdm)}", f"--data_dir={data}", f"--out_dir={sft}", "--trim_vocab=True",
              f"--diffusion_sft_train={sft_data}/train.jsonl", f"--diffusion_sft_val={sft_data}/val.jsonl",
-             "--diffusion_seq_len=256", "--batch_size=16", f"--max_iters={args.sft_iters}",
-             f"--eval_interval={args.sft_iters}", "--eval_iters=5", "--log_interval=25", "--warmup_iters=10",
+             "--diffusion_seq_len=192", "--batch_size=8", f"--max_iters={args.sft_iters}",
+             f"--eval_interval={args.sft_iters}", "--eval_iters=4", "--log_interval=10", "--warmup_iters=10",
              "--learning_rate=5e-4", "--min_lr=5e-5", "--ckpt_interval=0", "--keep_last=1", "--device=cpu"],
             os.path.join(args.out, "sft.log"))
 

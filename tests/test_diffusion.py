@@ -3,7 +3,6 @@ computations, the forward process's statistics, SFT rows and records, block atte
 a tiny bidirectional Qwen3 trained here that unmasks a deterministic corpus and regenerates it."""
 import json
 import math
-import random
 from types import SimpleNamespace
 
 import numpy as np
