@@ -267,8 +267,12 @@ def schedule_change(saved, c, it):
     if all(getattr(old, k) == getattr(c, k) for k in keys):
         return None
     changed = ", ".join(f"{k} {getattr(old, k)} -> {getattr(c, k)}" for k in keys if getattr(old, k) != getattr(c, k))
-    return (f"resuming at iter {it} with {changed}: the cosine now ends at iter {c.lr_decay_iters or c.max_iters} "
-            f"(was {old.lr_decay_iters or old.max_iters}); lr at iter {it} {get_lr(it, old):.3e} -> {get_lr(it, c):.3e}")
+    end, old_end = c.lr_decay_iters or c.max_iters, old.lr_decay_iters or old.max_iters
+    same = all(get_lr(i, old) == get_lr(i, c) for i in range(it, max(end, old_end) + 1))
+    if same:
+        return f"resuming at iter {it} with {changed}: the learning-rate schedule is unchanged (the cosine ends at {end})"
+    return (f"resuming at iter {it} with {changed}: the cosine now ends at iter {end} (was {old_end}); "
+            f"lr at iter {it} {get_lr(it, old):.3e} -> {get_lr(it, c):.3e}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -170,6 +170,9 @@ def test_schedule_note_says_how_the_learning_rate_moves():
     assert "max_iters 100 -> 200" in note and "ends at iter 200 (was 100)" in note
     assert f"{old:.3e} -> {train.get_lr(50, c):.3e}" in note and old < train.get_lr(50, c)
     assert train.schedule_change(saved, train.SimpleNamespace(**saved), 50) is None
+    fixed = {**saved, "lr_decay_iters": 150}  # the cosine's end is set: a longer run only adds min_lr iterations
+    note = train.schedule_change(fixed, train.SimpleNamespace(**{**fixed, "max_iters": 200}), 50)
+    assert "max_iters 100 -> 200" in note and "schedule is unchanged (the cosine ends at 150)" in note
 
 
 # ---------------------------------------------------------------------------------------
