@@ -268,6 +268,13 @@ def load_squad(path, evidence_threshold=0.8):
             data = json.load(f)["data"]
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: not a SQuAD v1.1 JSON file ({e})")
+    try:
+        return data, _squad_examples(data, path, evidence_threshold)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not in SQuAD v1.1 form ({type(e).__name__}: {e})")
+
+
+def _squad_examples(data, path, evidence_threshold):
     examples, located, dropped = [], 0, 0
     for ai, article in enumerate(data):
         for paragraph in article["paragraphs"]:
@@ -288,7 +295,7 @@ def load_squad(path, evidence_threshold=0.8):
                                  "answers": answers, "article": ai})
     if located or dropped:
         print(f"{path}: {located} answers located by evidence matching, {dropped} not found (dropped)")
-    return data, examples
+    return examples
 
 
 def split_articles(data, every=10, offset=4):
