@@ -194,10 +194,9 @@ class ExampleStream:
             rng = np.random.default_rng([self.seed, epoch])
             self.epoch = epoch
             self.order = rng.permutation(len(self.examples)) if self.shuffle else np.arange(len(self.examples))
-            self.picks = rng.integers(0, 1 << 30, size=len(self.examples))
+            self.picks = rng.integers(0, 1 << 30, size=(len(self.examples), len(self.examples[0])))
         i = int(self.order[j])
-        pick = int(self.picks[j])
-        return [slot[pick % len(slot)] for slot in self.examples[i]]
+        return [slot[int(self.picks[j, s]) % len(slot)] for s, slot in enumerate(self.examples[i])]
 
 
 # ---------------------------------------------------------------------------------------

@@ -140,6 +140,9 @@ def test_batches_are_a_function_of_the_rows(tmp_path):
     assert firsts == {'query: A "quoted" man sleeps.', "query: Two dogs play."}
     assert t.decode(whole["ids"][0, 1, :whole["mask"][0, 1].sum()].tolist()).startswith("doc: ")
     assert obj.eval_batch(0, 3) is None
+    # each epoch draws again which entailment is the positive: both of the dogs' show up over epochs
+    seen = {tuple(obj.train.get(k)[1:]) for k in range(40) if obj.train.get(k)[0] == "Two dogs play."}
+    assert {p for p, _ in seen} == {"Dogs are playing.", "Animals have fun."} and {n for _, n in seen} == {"The dogs sleep."}
     assert set(obj.extra_ids) >= set(t.encode("query: Two dogs play.")) and t.pad_id in obj.extra_ids
 
 
