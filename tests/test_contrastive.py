@@ -72,6 +72,16 @@ def test_learnable_scale_gets_the_hand_gradient():
     assert log_scale.grad.item() == pytest.approx(fd, rel=1e-3)
 
 
+def test_learned_temperature_that_no_optimiser_steps_is_reported(tmp_path, capsys):
+    obj = C.Objective(config(write(tmp_path / "nli.tsv", NLI), contrastive_learn_temperature=True), tiny_qwen3().cfg)
+    assert obj.parameters() == [("contrastive.log_scale", obj.log_scale)]
+    model = tiny_qwen3()
+    b = {k: torch.from_numpy(v) for k, v in obj.train_batch(0, 0, 2).items()}
+    for _ in range(20):
+        obj.loss(model, b)[0].backward()
+    assert "is Objective.parameters() in the optimiser?" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------
 # data
 
