@@ -324,7 +324,7 @@ class Objective:
         self.log_scale = None
         if g("contrastive_learn_temperature"):
             self.log_scale = nn.Parameter(torch.tensor(math.log(1 / self.temperature)))
-            self._log_scale0 = float(self.log_scale)
+            self._log_scale0 = float(self.log_scale.detach())
             if world > 1:  # DDP does not see this parameter: average its gradient as DDP averages the model's
                 self.log_scale.register_hook(_average_over_processes)
         self._extra_ids = None
@@ -401,7 +401,7 @@ class Objective:
             self.log_scale.data = self.log_scale.data.to(device)
         self._calls = getattr(self, "_calls", 0) + 1
         if self._calls == 20 and self.log_scale.grad is not None and \
-                float(self.log_scale) == self._log_scale0:
+                float(self.log_scale.detach()) == self._log_scale0:
             # a trainer that never steps Objective.parameters() leaves it where it started: say so, once
             print(f"warning: contrastive_learn_temperature: the temperature has a gradient but is still "
                   f"{self.temperature} after 20 batches; is Objective.parameters() in the optimiser?", flush=True)
