@@ -119,7 +119,7 @@ def main(argv=None):
          "--max_new_tokens", "16", "--block_length", "16", "--steps", "16", "--show_target"],
         os.path.join(args.out, "samples.txt"))
     run([py, "benchmarks/bench_diffusion.py", "--ckpt", latest(sft), "--sft", f"{sft_data}/val.jsonl",
-         "--num_prompts", "16", "--batch_size", "8", "--gen_length", "32", "--block_length", "16",
+         "--num_prompts", "8", "--batch_size", "8", "--gen_length", "32", "--block_length", "16",
          "--threshold", "0.9", "--repeats", "1", "--json", os.path.join(args.out, "bench.json")],
         os.path.join(args.out, "bench.txt"))
     run([py, "sample.py", "--ckpt", latest(mdm), "--mode", "diffusion", "--prompt",
