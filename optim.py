@@ -66,6 +66,19 @@ def _bnb():
         return None
 
 
+def _lr_as_tensor(cls):
+    """torchao's optimisers keep lr as a tensor (an input of their compiled step) and refuse a float;
+    train.py sets a float every iteration. Turn it back into a tensor before each step."""
+    class LrAsTensor(cls):
+        def step(self, closure=None):
+            for g in self.param_groups:
+                if not torch.is_tensor(g["lr"]):
+                    g["lr"] = torch.tensor(float(g["lr"]))
+            return super().step(closure)
+    LrAsTensor.__name__ = cls.__name__
+    return LrAsTensor
+
+
 def choose(kind, sharded=False, log=warn):
     """(optimizer class, its keyword arguments besides lr / betas / weight decay, name) for `kind`."""
     if kind not in OPTIMIZERS:
@@ -83,7 +96,7 @@ def choose(kind, sharded=False, log=warn):
         try:
             from torchao.optim import AdamW8bit
             log(f"optimizer 'adamw8bit': {why}; using torchao's AdamW8bit")
-            return AdamW8bit, {}, "torchao.AdamW8bit"
+            return _lr_as_tensor(AdamW8bit), {}, "torchao.AdamW8bit"
         except Exception:
             log(f"optimizer 'adamw8bit': {why} and torchao is not either; using torch AdamW (32-bit state)")
             return adamw
@@ -172,44 +185,50 @@ def _as_tensor(v):
     return None  # e.g. None: nothing to keep
 
 
+def _parts(key, v):
+    """(key, value) pairs of one state entry. A quantised state tensor (torchao's OptimState8bit: a
+    tensor subclass over uint8 codes and scales) becomes its inner tensors, 'KEY.codes', 'KEY.scale', ...,
+    which are the live storage (so a load can fill them in place). DTensors stay whole: a distributed
+    checkpoint writes their shards."""
+    from torch.distributed.tensor import DTensor
+    if torch.is_tensor(v) and type(v) not in (torch.Tensor, torch.nn.Parameter, DTensor) and \
+            hasattr(v, "__tensor_flatten__"):
+        for attr in v.__tensor_flatten__()[0]:
+            yield from _parts(f"{key}.{attr}", getattr(v, attr))
+    else:
+        yield key, v
+
+
+def _entries(opt, model):
+    """(state dict, key in it, flat name, current value) for every kept piece of this process's state."""
+    inner = local(opt)
+    for name, p in owned(opt, model):
+        state = inner.state.get(p, {})
+        for k, v in state.items():
+            for flat, part in _parts(f"{name}.{k}", v):
+                if _as_tensor(part) is not None:
+                    yield state, k, flat, part
+
+
 def state_tensors(opt, model):
     """This process's optimiser state: {'{name}.{key}': tensor} (python numbers as 0-d tensors;
     DTensors stay DTensors, so a distributed checkpoint writes each shard once)."""
-    inner = local(opt)
-    out = {}
-    for name, p in owned(opt, model):
-        for k, v in inner.state.get(p, {}).items():
-            t = _as_tensor(v)
-            if t is not None:
-                out[f"{name}.{k}"] = t
-    return out
-
-
-def state_keys(opt, model):
-    """The keys state_tensors() will have (after init_state)."""
-    return list(state_tensors(opt, model))
+    return {flat: _as_tensor(v) for _, _, flat, v in _entries(opt, model)}
 
 
 def load_state_tensors(opt, model, tensors, where="checkpoint"):
     """Put {'{name}.{key}': tensor} back into the (initialised) state, bitwise. A tensor that is
     already the state itself (loaded in place by torch.distributed.checkpoint) is left alone."""
     init_state(opt, model)
-    inner = local(opt)
-    for name, p in owned(opt, model):
-        state = inner.state[p]
-        for k, cur in list(state.items()):
-            key = f"{name}.{k}"
-            if _as_tensor(cur) is None:
-                continue
-            if key not in tensors:
-                raise KeyError(f"{where}: no optimizer state '{key}'; was it written with another optimizer "
-                               "or model?")
-            t = tensors[key]
-            if not torch.is_tensor(cur):
-                state[k] = type(cur)(t.item())
-            elif t is not cur:
-                if tuple(t.shape) != tuple(cur.shape) or t.dtype != cur.dtype:
-                    raise ValueError(f"{where}: optimizer state '{key}' is {t.dtype} {tuple(t.shape)}, this run's "
-                                     f"is {cur.dtype} {tuple(cur.shape)}; was it written with another optimizer?")
-                with torch.no_grad():
-                    cur.copy_(t)
+    for state, k, key, cur in list(_entries(opt, model)):
+        if key not in tensors:
+            raise KeyError(f"{where}: no optimizer state '{key}'; was it written with another optimizer or model?")
+        t = tensors[key]
+        if not torch.is_tensor(cur):  # a python number (bitsandbytes' step)
+            state[k] = type(cur)(t.item())
+        elif t is not cur:
+            if tuple(t.shape) != tuple(cur.shape) or t.dtype != cur.dtype:
+                raise ValueError(f"{where}: optimizer state '{key}' is {t.dtype} {tuple(t.shape)}, this run's "
+                                 f"is {cur.dtype} {tuple(cur.shape)}; was it written with another optimizer?")
+            with torch.no_grad():
+                cur.copy_(t)
