@@ -372,20 +372,11 @@ def test_tiny_encoder_learns_paraphrases(tmp_path):
 # ---------------------------------------------------------------------------------------
 # train.py runs the objective; extract.py ships what it trained
 
-def register_in_train():
-    """train.py's table (until contrastive is in OBJECTIVES there, register it as train.py would)."""
-    import train
-    train.OBJECTIVES.setdefault("contrastive", "contrastive")
-    for k, v in C.CONFIG.items():
-        train.DEFAULTS.setdefault(k, v)
-    return train
-
-
 @pytest.mark.slow
 def test_train_py_trains_it_and_extract_ships_it(tmp_path, hf_qwen3_dir):
     import eval_embed
     import extract
-    train = register_in_train()
+    import train
     data = write(tmp_path / "nli.tsv", NLI + "".join(
         f"Premise number {i} is here.\tStatement {i} holds.\tentailment\n"
         f"Premise number {i} is here.\tStatement {i} fails.\tcontradiction\n" for i in range(10)))
@@ -426,7 +417,7 @@ def test_train_py_two_processes_equal_one_with_the_whole_batch(tmp_path, hf_qwen
                                 ("fsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
                                  ["--batch_size=4", "--grad_accum=2", "--parallelism=fsdp"])):
         out = tmp_path / name
-        p = subprocess.run([sys.executable, *launch, os.path.abspath(__file__), "train", *common, *extra,
+        p = subprocess.run([sys.executable, *launch, os.path.join(ROOT, "train.py"), *common, *extra,
                             f"--out_dir={out}"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert p.returncode == 0, name + p.stdout[-2000:] + p.stderr[-2000:]
         log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -438,13 +429,33 @@ def test_train_py_two_processes_equal_one_with_the_whole_batch(tmp_path, hf_qwen
         assert max((runs[name][1][k] - v).abs().max().item() for k, v in weights.items()) <= 1e-5, name
 
 
+@pytest.mark.slow
+def test_train_py_from_a_ul2_run_learned_temperature_trimmed_resumes_exactly(tmp_path):
+    """init_from='pretrained' (a UL2 out_dir), a learned temperature, trim_vocab: 4 iterations straight ==
+    2, then resume to 4 (weights and temperature); the temperature moved; extract ships the result."""
+    import train
+    ed = random_encdec()
+    ed.save_pretrained(str(tmp_path / "ul2" / "ckpt-0000010"))
+    data = write(tmp_path / "nli.tsv", NLI + "".join(
+        f"Premise number {i} is here.\tStatement {i} holds.\tentailment\n"
+        f"Premise number {i} is here.\tStatement {i} fails.\tcontradiction\n" for i in range(10)))
+    common = ["--objective=contrastive", "--init_from=pretrained", f"--init_path={tmp_path / 'ul2'}",
+              f"--contrastive_data={data}", "--contrastive_learn_temperature=True", "--trim_vocab=True",
+              "--contrastive_attn_dropout=0.1", "--contrastive_hidden_dropout=0.1", "--batch_size=4",
+              "--eval_interval=0", "--log_interval=1", "--warmup_iters=1", "--device=cpu", "--learning_rate=3e-3",
+              "--lr_decay_iters=4", "--ckpt_interval=2"]
+    train.main([*common, "--max_iters=4", f"--out_dir={tmp_path / 'straight'}"])
+    train.main([*common, "--max_iters=2", f"--out_dir={tmp_path / 'split'}"])
+    train.main([*common[:1], "--init_from=resume", *common[3:], "--max_iters=4", f"--out_dir={tmp_path / 'split'}"])
+    a, b = (M.read_safetensors_dir(str(tmp_path / r / "ckpt-0000004")) for r in ("straight", "split"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((tmp_path / r / "ckpt-0000004" / "trainer_state.json").read_text())["objective_params"]
+              for r in ("straight", "split"))
+    assert sa == sb and sa["contrastive.log_scale"] != pytest.approx(math.log(20), abs=1e-6)
+    # the trained model is the UL2 encoder moved on: same shapes, changed weights
+    assert a["model.embed_tokens.weight"].shape == ed.embed.weight.shape
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], ed.encoder.layers[0].attn.q_proj.weight)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "train":  # train.py with the objective registered (see register_in_train)
-        try:
-            register_in_train().main(sys.argv[2:])
-        finally:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    else:
-        gather_worker(sys.argv[1], sys.argv[2])
+    gather_worker(sys.argv[1], sys.argv[2])
