@@ -444,7 +444,10 @@ def _load_sharded(shards, raw, opt, rank, trim):
         if "trim.kept" not in meta:
             raise CheckpointError(f"{shards}: written without trim_vocab; resume with --trim_vocab=False")
         sd["trim.kept"], sd["trim.full_embed"] = empty("trim.kept"), empty("trim.full_embed")
-    dcp.load(sd, checkpoint_id=shards)
+    with warnings.catch_warnings():
+        if not dist.is_initialized():  # one process reading a sharded checkpoint: what DCP warns about is meant
+            warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=shards)
     if trim is not None:
         if not torch.equal(sd["trim.kept"], trim.kept):
             raise CheckpointError(f"{shards}: trimmed to other ids than this run's data gives; same data_dir?")
