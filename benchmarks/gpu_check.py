@@ -207,8 +207,9 @@ def make_step(model, loss_fn, dev, dtype):
     return step
 
 
-def run_model(name, build, loss_fn, batches, flops, real, args, dev, dtype, peak_flops, must_be_fused):
+def run_model(name, build, loss_fn, batches, flops, real, args, dev, dtype, peak_flops, must_be_fused, compile_=None):
     """Warm up (compiles), time args.steps steps, profile one more; one result row, or None on failure."""
+    compile_ = args.compile if compile_ is None else compile_
     import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -220,7 +221,7 @@ def run_model(name, build, loss_fn, batches, flops, real, args, dev, dtype, peak
         torch.manual_seed(0)
         with torch.device(dev):  # initialised where it trains: a 1B-parameter init on CPU takes long
             model = build()
-        compiled = compile_blocks(model) if args.compile else 0
+        compiled = compile_blocks(model) if compile_ else 0
         step = make_step(model, loss_fn, dev, dtype)
         batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
         t0 = time.perf_counter()
@@ -283,6 +284,16 @@ def run_model(name, build, loss_fn, batches, flops, real, args, dev, dtype, peak
     return row
 
 
+def run_theirs(name, build, loss_fn, batches, flops, real, args, dev, dtype, peak_flops):
+    """transformers' model: compiled like ours; if that fails, eager, so there is still a figure to compare."""
+    a = (build, loss_fn, batches, flops, real, args, dev, dtype, peak_flops)
+    row = run_model(name, *a, must_be_fused=False)
+    if row is None and args.compile:
+        print(f"  {name}: again without torch.compile", flush=True)
+        row = run_model(name + " (eager)", *a, must_be_fused=False, compile_=False)
+    return row
+
+
 def encdec_checks(args, dev, dtype, peak_flops):
     import torch
 
@@ -313,8 +324,8 @@ def encdec_checks(args, dev, dtype, peak_flops):
         hf_frac = sum(hf_real(h) for h in hf_batches) / sum(h["input_ids"].numel() + h["decoder_input_ids"].numel()
                                                            for h in hf_batches)
         print(f"  (transformers' batches: the same examples, one per row, real-token fraction {hf_frac:.3f})")
-        rows.append(run_model("HF T5Gemma2", lambda: t5gemma2_model(cfg)[0], lambda m, b: m(**b).loss, hf_batches,
-                              lambda h: hf_flops[id(h)], hf_real, args, dev, dtype, peak_flops, must_be_fused=False))
+        rows.append(run_theirs("HF T5Gemma2", lambda: t5gemma2_model(cfg)[0], lambda m, b: m(**b).loss, hf_batches,
+                               lambda h: hf_flops[id(h)], hf_real, args, dev, dtype, peak_flops))
     return rows
 
 
@@ -355,8 +366,8 @@ def qwen3_checks(args, dev, dtype, peak_flops):
                       args, dev, dtype, peak_flops, must_be_fused=True)]
     if args.hf:
         # transformers shifts the labels itself: it gets the window's first T tokens and scores T - 1 of them
-        rows.append(run_model("HF Qwen3ForCausalLM", theirs, lambda m, b: m(input_ids=b["idx"], labels=b["idx"]).loss,
-                              batches, flops, real, args, dev, dtype, peak_flops, must_be_fused=False))
+        rows.append(run_theirs("HF Qwen3ForCausalLM", theirs, lambda m, b: m(input_ids=b["idx"], labels=b["idx"]).loss,
+                               batches, flops, real, args, dev, dtype, peak_flops))
     return rows
 
 
