@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import checkpoint
 import kernels
@@ -70,7 +70,8 @@ class Stack(nn.Module):
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mode, mask, enc_out, enc_rope, layer_cache, use_reentrant=False)
+                x = activation_checkpoint(block, x, cos, sin, mode, mask, enc_out, enc_rope, layer_cache,
+                                          use_reentrant=False)
             else:
                 x = block(x, cos, sin, mode, mask, enc_out, enc_rope, layer_cache)
         return self.norm(x)
