@@ -1,26 +1,31 @@
 # A tiny encoder-decoder on Tiny Shakespeare, on CPU in about a minute:
 #   python data/shakespeare_qwen3/prepare.py && python train.py config/tiny_shakespeare.py
-# The 152,036-row tied embedding is most of the model and most of the compute at this width
-# (the LM head costs ~12x the blocks per decoder position), so the blocks stay small and the
-# windows short; the loss falls from ln(152036) = 11.9 mostly by learning which tokens occur.
+#   python sample.py --ckpt out/tiny-shakespeare --prompt "ROMEO: I will <extra_id_0> to the <extra_id_1>."
+# At this width the 152,036-row tied embedding would be nearly all of the compute (the LM head costs ~12x the
+# blocks per decoder position), so the vocabulary is trimmed to the ~11K ids the text uses (vocab_trim.py:
+# the loss is over those classes, starting near ln(11K) = 9.3; the checkpoint is written at full size).
+# Rows are packed (several UL2 examples per row), so each step trains on ~batch_size x (enc_len + dec_len)
+# real tokens. Expect the loss to fall from ~9 at the first log to ~6 by iteration 300 (val 9.43 -> ~6.3),
+# the decoder to open R-mode targets with <extra_id_0>, and greedy spans made of frequent words.
 out_dir = "out/tiny-shakespeare"
 init_from = "scratch"
 data_dir = "data/shakespeare_qwen3"
 model_preset = "tiny_encdec"       # 2 + 2 layers
 model_overrides = {"hidden_size": 128, "intermediate_size": 384, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32}
+trim_vocab = True
 
-batch_size = 4
+batch_size = 8
 enc_len = 64
 dec_len = 64
 
 learning_rate = 3e-3               # tiny model, few steps: a high peak
 min_lr = 3e-4
 warmup_iters = 10
-max_iters = 80
+max_iters = 300                    # ~0.18 s each on 2 idle cores (0.3 CPU-s measured on one thread)
 
-eval_interval = 40
-eval_iters = 8
-log_interval = 10
+eval_interval = 150
+eval_iters = 4
+log_interval = 5
 ckpt_interval = 0                  # one checkpoint, at the end
 
 device = "cpu"
