@@ -1,23 +1,25 @@
-"""The README's quick start learns visibly: `python train.py config/tiny_shakespeare.py` (here shortened to
-ITERS iterations, the config otherwise as it is) lowers the loss by >= 30 % from its first logged value, and
-sample.py on its checkpoint fills spans with words."""
+"""The README's quick start learns visibly: `python train.py config/tiny_shakespeare.py`, run as it is, lowers the
+loss by >= 30 % from its first logged value, and sample.py on its checkpoint fills spans with words.
+Slow (~90 s on one idle core): a shortened run does not get there (200 of the 300 iterations end 29.8 % below
+the first logged loss, and at 150 the decoder does not yet open its targets with <extra_id_0>)."""
 import json
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
-ITERS = 200  # of the config's 300: ~60 s on one idle core
 
-
+@pytest.mark.slow
 def test_quick_start_loss_falls_and_spans_get_words(tmp_path, shared_data):
     data, out = tmp_path / "data", tmp_path / "out"
     py = sys.executable
     subprocess.run([py, "data/shakespeare_qwen3/prepare.py", f"{shared_data}/corpus/tiny_shakespeare.txt",
                     "--out", str(data)], cwd=ROOT, check=True, capture_output=True)
     proc = subprocess.run([py, "train.py", "config/tiny_shakespeare.py", f"--out_dir={out}", f"--data_dir={data}",
-                           f"--max_iters={ITERS}", "--eval_interval=0"], cwd=ROOT, capture_output=True, text=True)
+                           "--eval_interval=0"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
