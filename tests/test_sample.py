@@ -199,7 +199,7 @@ def trained():
     model = EncoderDecoder(get_preset("tiny_encdec", vocab_size=len(REAL_IDS)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0)
     rng = random.Random(0)
-    steps = 400
+    steps = 600
     with torch.enable_grad():
         for step in range(steps):
             for group in opt.param_groups:  # warm up, hold, then decay linearly over the second half
