@@ -659,7 +659,8 @@ def main(argv=None):
     p.add_argument("--split", default="test", help="qrels split of the BEIR directories")
     p.add_argument("--sanity", action="store_true", help="run the sanity report")
     p.add_argument("--mteb", action="append", default=[], help="MTEB task name (needs `pip install mteb`)")
-    p.add_argument("--out", default="results.json")
+    p.add_argument("--out", default="out/eval/results.json",
+                   help="results JSON (updated if it exists); the markdown table goes beside it")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_len", type=int, default=512, help="token limit for ckpt/qwen3 models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -686,6 +687,10 @@ def main(argv=None):
         if not os.path.isdir(d):
             fail(f"--retrieval {d}: no such directory")
 
+    try:  # before the evaluation, so a bad --out costs nothing
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as e:
+        fail(f"--out {args.out}: cannot create its directory ({e.strerror}); pick another --out")
     results = {}
     if os.path.isfile(args.out):
         try:
