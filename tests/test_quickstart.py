@@ -31,7 +31,9 @@ def test_quick_start_loss_falls_and_spans_get_words(tmp_path, shared_data):
     proc = subprocess.run([py, "sample.py", "--ckpt", str(out), "--show_target", "--max_new_tokens", "12",
                            "--prompt_file", str(tmp_path / "prompts.txt")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    targets = [line[len("target: "):] for line in proc.stdout.splitlines() if line.startswith("target: ")]
+    # one block per prompt (separated by a line of dashes); a decoded target may span several lines
+    blocks = re.split(r"\n-{40}\n", proc.stdout)
+    targets = [b.split("\ntarget: ", 1)[1] for b in blocks if "\ntarget: " in b]
     assert len(targets) == len(prompts), proc.stdout
     for prompt, target in zip(prompts, targets):
         # the decoder opens with the first sentinel and its span holds a word (letters, not only punctuation)
