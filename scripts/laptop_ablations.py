@@ -157,7 +157,7 @@ def write_markdown(r, path):
     for rope in ropes:
         a = r["enc_rope"][rope]
         for when, key, tot in (("iter 0", "val_iter0", "val_loss_iter0"), ("end", "val_end", "val_loss_end")):
-            L.append(f"| {rope} | {when} | " + " | ".join(f"{a[key][g]:.3f}" for g in groups) + f" | {a[tot]:.3f} |")
+            L.append(f"| {rope} | {when} | " + " | ".join(f"{a[key][g]:.4f}" for g in groups) + f" | {a[tot]:.4f} |")
     L += ["", "| enc_rope | raw encoder (mean) | + contrastive |", "| --- | ---: | ---: |"]
     for rope in ropes:
         a = r["enc_rope"][rope]
