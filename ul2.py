@@ -240,10 +240,12 @@ class UL2:
         windows [n, enc_len + dec_len]: one window of source text per row (rows = the global indices of the
         rows, which seed them: the same rows come out however a global batch is split). Each row is filled
         from its window's text, front to back, with examples whose denoisers are drawn from the mixture in
-        order; each example takes up to window_len source tokens, fewer when that is what still fits on
-        both sides (every source token lands in the input or the target, so the window always suffices).
-        A draw that cannot fit even MIN_EXAMPLE tokens is skipped, so a row mixes encoder-heavy (R, X at
-        low rates) and decoder-heavy (S) examples until both sides are full.
+        order; each example takes up to window_len source tokens (every source token lands in the input or
+        the target, so the window always suffices). An R/X example is cut to leave the room in the
+        proportions of the next more decoder-heavy draw (_partner, _plan), and an S example draws its split
+        from the part of its usual range that fits, aimed the same way: a row mixes encoder-heavy (R, X at
+        low rates) and decoder-heavy (S) examples until both sides are full. A draw that cannot fit even
+        MIN_EXAMPLE tokens is skipped (rare: the mixture per example stays as drawn).
 
         Returns enc_ids, enc_seg, dec_ids, dec_seg, labels ([n, enc_len] / [n, dec_len]; seg 0 = padding,
         k = the k-th example of the row) and denoiser [n, dec_len] (the denoiser of each target token, -1 on
@@ -278,7 +280,7 @@ class UL2:
                     ids, lens, lab = self._corrupt(windows[i:i + 1, used:used + length], np.array([den]), rng, bounds)
                     enc, tgt = ids[0, :lens[0]], lab[0][lab[0] != IGNORE_INDEX]
                 else:
-                    plan = self._plan(den, draws[j + 1] if j + 1 < len(draws) else den, room)
+                    plan = self._plan(den, self._partner(den, draws[j + 1:]), room)
                     length = min(plan, self._fit(den, *room))
                     if length < MIN_EXAMPLE:
                         continue
@@ -293,6 +295,15 @@ class UL2:
         return {"enc_ids": enc_ids, "enc_seg": enc_seg, "dec_ids": decoder_input(labels, dec_seg), "dec_seg": dec_seg,
                 "labels": labels, "denoiser": denoiser}
 
+    def _partner(self, den, upcoming):
+        """The draw this example leaves room for: the first upcoming one that is more decoder-heavy (so two
+        encoder-heavy draws in a row do not fill the encoder side and strand the decoder side), else the next."""
+        a, b = self.shares[den]
+        for d in upcoming:
+            if self.shares[d][1] * a > b * self.shares[d][0]:
+                return d
+        return upcoming[0] if len(upcoming) else den
+
     def _plan(self, den, next_den, room):
         """Source length for this example that leaves the room in the proportions the next example uses,
         so that the next one can fill both sides (a two-example plan; no draw is skipped or reordered)."""
@@ -301,7 +312,8 @@ class UL2:
         if abs(det) < 1e-9:
             return self.window_len
         length = (room[0] * b2 - room[1] * a2) / det
-        return self.window_len if length <= 0 else max(int(length), MIN_EXAMPLE)
+        # length <= 0: this example would move the room away from the partner's proportions, so keep it short
+        return max(int(length), MIN_EXAMPLE)
 
     def _fit_prefix_lm(self, den, enc_room, dec_room, text_left):
         """Longest source length of an S example for which some split of its usual range fits the room
