@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 from tokenizer import DECODER_START_ID, EOS_ID, MODE_IDS, NUM_SENTINELS, PAD_ID, SENTINEL_START
 
 SENTINEL_TEXT = re.compile(r"<extra_id_(\d+)>")
@@ -155,17 +156,12 @@ def fill_spans(prompt_ids, target):
 
 
 def resolve_ckpt(path):
-    """A checkpoint dir (ours or Hugging Face Qwen3) as is; a training out_dir -> its newest complete ckpt-*."""
-    if not os.path.isdir(path):
-        raise ValueError(f"--ckpt {path}: no such directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    found = [d for d in os.listdir(path)
-             if re.fullmatch(r"ckpt-\d+", d) and os.path.isfile(os.path.join(path, d, "config.json"))]
-    if not found:  # ckpt-*.tmp are half-written: never picked
-        raise ValueError(f"--ckpt {path}: no config.json and no complete ckpt-* inside; pass a checkpoint "
-                         "directory, a training out_dir or a Hugging Face Qwen3 directory")
-    return os.path.join(path, max(found, key=lambda d: int(d[len("ckpt-"):])))
+    """A checkpoint dir (ours or Hugging Face Qwen3) as is; a training out_dir -> its newest complete ckpt-*
+    (checkpoint.py's one rule: a half-written or damaged checkpoint is skipped, with a note saying which)."""
+    try:
+        return checkpoint.resolve(path, weights=True, log=lambda msg: print(msg, file=sys.stderr))
+    except checkpoint.CheckpointError as e:
+        raise ValueError(f"--ckpt {e}") from None
 
 
 # ---------------------------------------------------------------------------------------

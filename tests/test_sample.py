@@ -305,7 +305,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, monkeypatch):
     use_tokenizer(monkeypatch, "digits")
     assert "no such directory" in one_line_error(["--ckpt", str(tmp_path / "nope"), "--prompt", "1<extra_id_0>"])
     os.makedirs(tmp_path / "empty")
-    assert "no complete ckpt-*" in one_line_error(["--ckpt", str(tmp_path / "empty"), "--prompt", "1<extra_id_0>"])
+    assert "no complete ckpt-NNNNNNN" in one_line_error(["--ckpt", str(tmp_path / "empty"), "--prompt", "1<extra_id_0>"])
     ckpt = str(tmp_path / "short")
     random_model(max_seq_len=16).save_pretrained(ckpt)
     assert json.load(open(os.path.join(ckpt, "config.json")))["max_seq_len"] == 16
