@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import tokenizer as tk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,8 +156,8 @@ def load_encoder(path):
     from model_components import Rotary
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init {path}: no such directory")
-    ckpts = sorted(d for d in os.listdir(path) if re.fullmatch(r"ckpt-\d{7}", d))  # a training out_dir
-    path = os.path.join(path, ckpts[-1]) if ckpts else path
+    if not os.path.isfile(os.path.join(path, "config.json")):  # a training out_dir: its newest complete checkpoint
+        path = checkpoint.newest(path, weights=True, log=lambda msg: print(msg, file=sys.stderr)) or path
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"--init {path}: no config.json; pass an extract.py directory, a UL2 checkpoint "
@@ -836,9 +837,7 @@ def main(argv=None):
             data, examples = load_squad(args.data)
             preds, nbest = predict_qa(model, tk.load_tokenizer(), examples, settings, args.batch_size)
             for path, obj in ((args.out, preds), (args.out + ".nbest.json", nbest)):
-                with open(path + ".tmp", "w") as f:
-                    json.dump(obj, f, indent=1)
-                os.replace(path + ".tmp", path)
+                checkpoint.write_json(path, obj)
             if any(e["answers"] for e in examples):
                 print(json.dumps(squad_scores(data, preds)))
         else:

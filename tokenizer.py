@@ -292,12 +292,13 @@ class _Qwen3Base:
         }
         if model_max_length:
             config["model_max_length"] = int(model_max_length)
+        import checkpoint  # here, not at the top: data preparation needs no torch
         for name, text in (("tokenizer.json", self._hf_json_text),
                            ("tokenizer_config.json", json.dumps(config, indent=2))):
-            path = os.path.join(out_dir, name)
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)
+            def write(tmp, text=text):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+            checkpoint.write_atomic(os.path.join(out_dir, name), write)  # the project's one atomic write
 
 
 class Qwen3Tokenizer(_Qwen3Base):
