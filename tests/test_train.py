@@ -406,8 +406,10 @@ def test_sharded_checkpoint_resumes_in_one_process_and_back(tmp_path, data_dir, 
     for out in ("a", "b"):
         got = losses(tmp_path / out)
         # 2 processes sum gradients in another order than 1; Adam's m / sqrt(v) magnifies that in near-zero
-        # gradients, so the losses drift by ~1e-5 over a few steps whoever wrote the checkpoint
+        # gradients, so the losses drift by 1e-5..5e-5 over a few steps whoever wrote the checkpoint (CI has
+        # seen 4.3e-5); a resume that drops the optimizer state moves iters 5-6 by 2e-3..6e-3 (measured), ten
+        # times this tolerance
         for i in range(1, 7):
-            assert abs(got[i] - ref[i]) <= 3e-5, (out, i, got[i], ref[i])
+            assert abs(got[i] - ref[i]) <= 2e-4, (out, i, got[i], ref[i])
         assert_same_tensors(weights(tmp_path / out / "ckpt-0000006"), weights(tmp_path / "ref" / "ckpt-0000006"),
                             atol=1e-4)
