@@ -411,5 +411,7 @@ def test_sharded_checkpoint_resumes_in_one_process_and_back(tmp_path, data_dir, 
         # times this tolerance
         for i in range(1, 7):
             assert abs(got[i] - ref[i]) <= 2e-4, (out, i, got[i], ref[i])
+        # the same drift in weights: CI has seen max 3.5e-4 (a near-zero-gradient embedding row), mean 2.2e-7;
+        # dropping the optimizer state on resume gives max 5.9e-3, mean 1.1e-3 (measured)
         assert_same_tensors(weights(tmp_path / out / "ckpt-0000006"), weights(tmp_path / "ref" / "ckpt-0000006"),
-                            atol=1e-4)
+                            atol=1e-3)
