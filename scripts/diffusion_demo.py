@@ -22,16 +22,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("QWEN_ENCDEC_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
-# train.py with objective='diffusion' (registered here if train.py's table does not have it yet)
-TRAIN = ("import sys, train, diffusion\n"
-         "if 'diffusion' not in train.OBJECTIVES:\n"
-         "    train.OBJECTIVES['diffusion'] = 'diffusion'; train.DEFAULTS.update(diffusion.CONFIG)\n"
-         "try:\n    train.main(sys.argv[1:])\n"
-         "except train.Fail as e:\n    sys.exit(f'train.py: error: {e}')\n")
-
-
 def run(cmd, log=None):
-    print("$ " + " ".join(shlex.quote(c) for c in cmd).replace(shlex.quote(TRAIN), "<train.py+diffusion>"), flush=True)
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     if log is None:
         subprocess.run(cmd, check=True, cwd=ROOT)
         return
@@ -88,7 +80,7 @@ def main(argv=None):
     # 3. masked diffusion on Wikipedia from the decoder's weights
     mdm = os.path.join(args.out, "mdm")
     if latest(mdm) is None:
-        run([py, "-c", TRAIN, "--objective=diffusion", "--init_from=qwen3", f"--qwen3_path={decoder}",
+        run([py, "train.py", "--objective=diffusion", "--init_from=qwen3", f"--qwen3_path={decoder}",
              f"--data_dir={data}", f"--out_dir={mdm}", "--trim_vocab=True", "--dec_len=128", "--batch_size=16",
              f"--max_iters={args.diffusion_iters}", f"--eval_interval={args.diffusion_iters}", "--eval_iters=4",
              "--log_interval=10", "--warmup_iters=10", "--learning_rate=1e-3", "--min_lr=1e-4", "--ckpt_interval=0",
@@ -100,7 +92,7 @@ def main(argv=None):
         run([py, "data/squad_sft/prepare.py"])
     sft = os.path.join(args.out, "sft")
     if latest(sft) is None:
-        run([py, "-c", TRAIN, "--objective=diffusion", "--diffusion_data=sft", "--init_from=qwen3",
+        run([py, "train.py", "--objective=diffusion", "--diffusion_data=sft", "--init_from=qwen3",
              f"--qwen3_path={latest(mdm)}", f"--data_dir={data}", f"--out_dir={sft}", "--trim_vocab=True",
              f"--diffusion_sft_train={sft_data}/train.jsonl", f"--diffusion_sft_val={sft_data}/val.jsonl",
              "--diffusion_seq_len=192", "--batch_size=8", f"--max_iters={args.sft_iters}",
