@@ -2,8 +2,8 @@
 #   python data/shakespeare_qwen3/prepare.py && python train.py config/tiny_shakespeare.py
 #   python sample.py --ckpt out/tiny-shakespeare --prompt "ROMEO: I will <extra_id_0> to the <extra_id_1>."
 # At this width the 152,036-row tied embedding would be nearly all of the compute (the LM head costs ~12x the
-# blocks per decoder position), so the vocabulary is trimmed to the ~11K ids the text uses (vocab_trim.py:
-# the loss is over those classes, starting near ln(11K) = 9.3; the checkpoint is written at full size).
+# blocks per decoder position), so the vocabulary is trimmed to the ~12K ids the text uses (vocab_trim.py:
+# the loss is over those classes, starting near ln(12K) = 9.4; the checkpoint is written at full size).
 # Rows are packed (several UL2 examples per row), so each step trains on ~batch_size x (enc_len + dec_len)
 # real tokens. Expect the loss to fall from ~9 at the first log to ~5 by iteration 900 (val 9.43 -> 5.66),
 # the decoder to open R-mode targets with <extra_id_0>, and greedy spans made of frequent words (', and').

@@ -13,7 +13,6 @@ Stages (each a normal command of this project, printed as it runs; a rerun skips
   5. sample.py --mode diffusion --chat on validation questions; benchmarks/bench_diffusion.py
 """
 import argparse
-import glob
 import json
 import os
 import shlex
@@ -22,6 +21,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("QWEN_ENCDEC_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402  (the repo root is on the path only now)
+
+
 def run(cmd, log=None):
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     if log is None:
@@ -34,11 +37,6 @@ def run(cmd, log=None):
             f.write(line)
         if p.wait():
             sys.exit(f"diffusion_demo.py: {cmd[0]} failed; see {log}")
-
-
-def latest(out_dir):
-    found = sorted(glob.glob(os.path.join(out_dir, "ckpt-*[0-9]")))
-    return found[-1] if found else None
 
 
 def main(argv=None):
@@ -71,15 +69,15 @@ def main(argv=None):
     decoder = args.decoder
     if decoder is None:
         out = os.path.join(args.out, "decoder")
-        if latest(out) is None:
+        if checkpoint.newest(out) is None:
             run([py, "train.py", "config/laptop_decoder.py", f"--data_dir={data}", f"--out_dir={out}",
                  f"--max_iters={args.decoder_iters}", f"--eval_interval={args.decoder_iters}", "--log_interval=10",
                  "--eval_iters=4", "--warmup_iters=10"], os.path.join(args.out, "decoder.log"))
-        decoder = latest(out)
+        decoder = checkpoint.newest(out)
 
     # 3. masked diffusion on Wikipedia from the decoder's weights
     mdm = os.path.join(args.out, "mdm")
-    if latest(mdm) is None:
+    if checkpoint.newest(mdm) is None:
         run([py, "train.py", "--objective=diffusion", "--init_from=qwen3", f"--qwen3_path={decoder}",
              f"--data_dir={data}", f"--out_dir={mdm}", "--trim_vocab=True", "--dec_len=128", "--batch_size=16",
              f"--max_iters={args.diffusion_iters}", f"--eval_interval={args.diffusion_iters}", "--eval_iters=4",
@@ -91,9 +89,9 @@ def main(argv=None):
     if not os.path.isfile(os.path.join(sft_data, "val.jsonl")):
         run([py, "data/squad_sft/prepare.py"])
     sft = os.path.join(args.out, "sft")
-    if latest(sft) is None:
+    if checkpoint.newest(sft) is None:
         run([py, "train.py", "--objective=diffusion", "--diffusion_data=sft", "--init_from=qwen3",
-             f"--qwen3_path={latest(mdm)}", f"--data_dir={data}", f"--out_dir={sft}", "--trim_vocab=True",
+             f"--qwen3_path={checkpoint.newest(mdm)}", f"--data_dir={data}", f"--out_dir={sft}", "--trim_vocab=True",
              f"--diffusion_sft_train={sft_data}/train.jsonl", f"--diffusion_sft_val={sft_data}/val.jsonl",
              "--diffusion_seq_len=192", "--batch_size=8", f"--max_iters={args.sft_iters}",
              f"--eval_interval={args.sft_iters}", "--eval_iters=4", "--log_interval=10", "--warmup_iters=10",
@@ -107,14 +105,14 @@ def main(argv=None):
     with open(questions, "w", encoding="utf-8") as g:
         for r in recs:
             g.write(r["conversations"][0]["value"].replace("\n", " ") + "\n")
-    run([py, "sample.py", "--ckpt", latest(sft), "--mode", "diffusion", "--chat", "--prompt_file", questions,
+    run([py, "sample.py", "--ckpt", checkpoint.newest(sft), "--mode", "diffusion", "--chat", "--prompt_file", questions,
          "--max_new_tokens", "16", "--block_length", "16", "--steps", "16", "--show_target"],
         os.path.join(args.out, "samples.txt"))
-    run([py, "benchmarks/bench_diffusion.py", "--ckpt", latest(sft), "--sft", f"{sft_data}/val.jsonl",
+    run([py, "benchmarks/bench_diffusion.py", "--ckpt", checkpoint.newest(sft), "--sft", f"{sft_data}/val.jsonl",
          "--num_prompts", "8", "--batch_size", "8", "--gen_length", "32", "--block_length", "16",
          "--threshold", "0.9", "--repeats", "1", "--json", os.path.join(args.out, "bench.json")],
         os.path.join(args.out, "bench.txt"))
-    run([py, "sample.py", "--ckpt", latest(mdm), "--mode", "diffusion", "--prompt",
+    run([py, "sample.py", "--ckpt", checkpoint.newest(mdm), "--mode", "diffusion", "--prompt",
          "The history of the city begins", "--max_new_tokens", "32", "--block_length", "16", "--steps", "32"],
         os.path.join(args.out, "samples_pretrained.txt"))
 
