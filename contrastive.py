@@ -43,7 +43,7 @@ CONFIG = {
     "contrastive_hard_negatives": True,    # NLI: the contradiction hypothesis as a hard negative (triplets)
     "contrastive_temperature": 0.05,       # softmax temperature (SimCSE's); the initial one when learned
     "contrastive_learn_temperature": False,  # learn log(1 / temperature) (CLIP), capped at scale 100; train.py
-                                           # must optimise Objective.parameters() (requested, not yet there)
+                                           # optimises it with the model (Objective.parameters())
     "contrastive_pooling": "mean",         # 'mean', 'last' (last real token) or 'cls' (first token)
     "contrastive_max_len": 64,             # tokens per text (prefix included)
     "contrastive_matryoshka_dims": [],     # e.g. [256, 128, 64, 32]: loss on each prefix; [] = the full width

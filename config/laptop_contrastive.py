@@ -22,13 +22,13 @@ contrastive_hidden_dropout = 0.1
 trim_vocab = True
 
 batch_size = 64
-max_iters = 110                    # ~1.2 epochs of the 5.9K pairs; 6 runs (3 starts x 2 seeds) ~18 min
-learning_rate = 3e-4
-min_lr = 3e-5
-warmup_iters = 10
+max_iters = 200                    # ~1.2 epochs of the 5.9K pairs; 6 runs (3 starts x 2 seeds) ~18 min
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 20
 weight_decay = 0.01
 
-eval_interval = 55
+eval_interval = 100
 eval_iters = 8
 log_interval = 25
 ckpt_interval = 0

@@ -18,15 +18,15 @@ trim_vocab = True
 
 batch_size = 8
 dec_len = 256
-max_iters = 650
+max_iters = 1600
 learning_rate = 2e-3
 min_lr = 2e-4
-warmup_iters = 50
+warmup_iters = 100
 weight_decay = 0.1
 
-eval_interval = 325
+eval_interval = 800
 eval_iters = 8
 log_interval = 25
-ckpt_interval = 325                # a killed run resumes (--init_from=resume) from the last one
+ckpt_interval = 400                # a killed run resumes (--init_from=resume) from the last one
 keep_last = 1
 device = "cpu"
