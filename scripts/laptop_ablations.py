@@ -11,6 +11,9 @@
       in the encoder, as the prefix-LM denoiser gives it, where R/X inputs hold sentinels).
   (c) mean / last / cls pooling, each trained by the contrastive stage with that pooling (two seeds).
 
+Every contrastive arm reports its SNLI dev loss (the stage's own validation loss) beside STS-B dev, so a
+default is not chosen on STS-B alone.
+
     python scripts/laptop_ablations.py                      # after python scripts/laptop_recipe.py
     python scripts/laptop_ablations.py --fast --recipe out/laptop-fast   # after laptop_recipe.py --fast
 
@@ -28,6 +31,9 @@ sys.path.insert(0, HERE)
 import laptop_recipe as R  # noqa: E402  (also puts the repo root on the path)
 
 MODE_PROMPTS = {"none": "", "<|ul2_R|>": "<|ul2_R|>", "<|ul2_S|>": "<|ul2_S|>"}
+# (a) and (b) compare arms that differ by little, so they get a third seed (the recipe ran seeds 1, 2: the
+# ablation adds seed 3 of the recipe's own UL2 arm); (c) keeps the recipe's two
+AB_SEEDS = (*R.SEEDS, 3)
 CONTRASTIVE_MODE = "<|ul2_S|>"
 
 
@@ -75,14 +81,21 @@ def main():
     fast_con = R.FAST_CONTRASTIVE if args.fast else []
     done, report = {}, {"fast": args.fast}
 
+    snli = {}  # encoder dir -> SNLI dev loss at the end of its contrastive run
+
     def contrastive(name, start, extra, seed):
         """One contrastive run (the recipe's stage and seed) + its extracted encoder; reuses the recipe's own."""
+        if name == "ul2" and seed in R.SEEDS:  # the recipe's own run
+            enc = os.path.join(rec, "encoders", f"ul2-s{seed}")
+            snli[enc] = R.train_summary(os.path.join(rec, "contrastive", f"ul2-s{seed}"), None)["val_last"]
+            return enc
         run_dir = p("contrastive", f"{name}-s{seed}")
         R.train_stage(py, "config/laptop_contrastive.py", run_dir,
                       [*start, f"--seed={seed}", *nli, *fast_con, *extra], p("contrastive", f"{name}-s{seed}.log"), done)
         enc = p("encoders", f"{name}-s{seed}")
         if not os.path.isdir(enc):
             R.run([py, "extract.py", "--ckpt", run_dir, "--out", enc])
+        snli[enc] = R.train_summary(run_dir, None)["val_last"]
         return enc
 
     # (a) enc_rope: the recipe's UL2 run is the arm its config names; train the other from the same decoder
@@ -96,9 +109,10 @@ def main():
     raw_enc = {base_rope: os.path.join(rec, "encoders", "ul2"), other: p("encoders", f"ul2-{other}")}
     if not os.path.isdir(raw_enc[other]):
         R.run([py, "extract.py", "--ckpt", ul2[other], "--out", raw_enc[other], "--pooling", "mean"])
-    con_enc = {base_rope: [os.path.join(rec, "encoders", f"ul2-s{s}") for s in R.SEEDS],
+    ul2_start = ["--init_from=pretrained", f"--init_path={ul2[base_rope]}"]
+    con_enc = {base_rope: [contrastive("ul2", ul2_start, [], s) for s in AB_SEEDS],
                other: [contrastive(f"ul2-{other}", ["--init_from=pretrained", f"--init_path={ul2[other]}"], [], s)
-                       for s in R.SEEDS]}
+                       for s in AB_SEEDS]}
     specs = [f"ours:{e}" for e in raw_enc.values()] + [f"ours:{e}" for es in con_enc.values() for e in es]
     scores = R.evaluate(py, specs, dev, results)
     report["enc_rope"] = {}
@@ -107,27 +121,30 @@ def main():
         report["enc_rope"][rope] = {
             "val_iter0": s["val_groups_first"], "val_end": s["val_groups_last"], "val_loss_iter0": s["val_first"],
             "val_loss_end": s["val_last"], "raw": scores[f"ours:{raw_enc[rope]}"],
-            "contrastive": [scores[f"ours:{e}"] for e in con_enc[rope]]}
+            "contrastive": [scores[f"ours:{e}"] for e in con_enc[rope]],
+            "snli_dev": [snli[e] for e in con_enc[rope]]}
 
     # (b) a mode token before every text at embedding time
     report["mode_token"] = {"raw": {}, "contrastive": {}}
     base_raw = raw_enc[base_rope]
     for name, prompt in MODE_PROMPTS.items():
         report["mode_token"]["raw"][name] = sts_with_prompt(base_raw, prompt, dev)
-    ul2_start = ["--init_from=pretrained", f"--init_path={ul2[base_rope]}"]
     tag = CONTRASTIVE_MODE.strip("<|>")
     mode_enc = [contrastive(f"ul2-{tag}", ul2_start, [f"--contrastive_query_prefix={CONTRASTIVE_MODE}",
-                                                      f"--contrastive_doc_prefix={CONTRASTIVE_MODE}"], s) for s in R.SEEDS]
+                                                      f"--contrastive_doc_prefix={CONTRASTIVE_MODE}"], s) for s in AB_SEEDS]
     report["mode_token"]["contrastive"] = {
         "none": [scores[f"ours:{e}"] for e in con_enc[base_rope]],
         CONTRASTIVE_MODE: [sts_with_prompt(e, CONTRASTIVE_MODE, dev) for e in mode_enc]}
+    report["mode_token"]["snli_dev"] = {"none": [snli[e] for e in con_enc[base_rope]],
+                                        CONTRASTIVE_MODE: [snli[e] for e in mode_enc]}
 
     # (c) pooling, each trained with the pooling it is scored with
-    pool_enc = {"mean": con_enc[base_rope]}
+    pool_enc = {"mean": con_enc[base_rope][:len(R.SEEDS)]}
     for how in ("last", "cls"):
         pool_enc[how] = [contrastive(f"ul2-{how}", ul2_start, [f"--contrastive_pooling={how}"], s) for s in R.SEEDS]
     scores = R.evaluate(py, [f"ours:{e}" for es in pool_enc.values() for e in es], dev, results)
     report["pooling"] = {how: [scores[f"ours:{e}"] for e in es] for how, es in pool_enc.items()}
+    report["pooling_snli_dev"] = {how: [snli[e] for e in es] for how, es in pool_enc.items()}
     report["base_enc_rope"] = base_rope
     report["stages"] = done
 
@@ -144,10 +161,18 @@ def two(runs, key="spearman"):
     return f"{R.mean(xs):.2f} ({' / '.join(f'{x:.2f}' for x in xs)})"
 
 
+def losses(xs):
+    """'mean (run / run)' of SNLI dev losses."""
+    return f"{R.mean(xs):.3f} ({' / '.join(f'{x:.3f}' for x in xs)})"
+
+
 def write_markdown(r, path):
     seeds = ", ".join(str(s) for s in R.SEEDS)
+    ab_seeds = ", ".join(str(s) for s in AB_SEEDS)
     L = ["# Laptop ablations" + (" (--fast: toy sizes, not a quality result)" if r["fast"] else ""), "",
-         f"STS-B dev Spearman x100; after the contrastive stage: the mean of seeds {seeds} (each run in brackets).", "",
+         f"STS-B dev Spearman x100; after the contrastive stage: the mean of seeds {ab_seeds} in (a) and (b), "
+         f"{seeds} in (c) (each run in brackets), and the stage's SNLI dev loss (InfoNCE summed over the "
+         "Matryoshka widths; lower is better).", "",
          "## (a) encoder keys in merged attention: enc_rope", "",
          "Validation loss per denoiser (trimmed-vocabulary cross-entropy) right after conversion (iter 0) and "
          "after UL2:", ""]
@@ -158,20 +183,21 @@ def write_markdown(r, path):
         a = r["enc_rope"][rope]
         for when, key, tot in (("iter 0", "val_iter0", "val_loss_iter0"), ("end", "val_end", "val_loss_end")):
             L.append(f"| {rope} | {when} | " + " | ".join(f"{a[key][g]:.4f}" for g in groups) + f" | {a[tot]:.4f} |")
-    L += ["", "| enc_rope | raw encoder (mean) | + contrastive |", "| --- | ---: | ---: |"]
+    L += ["", "| enc_rope | raw encoder (mean) | + contrastive | SNLI dev loss |", "| --- | ---: | ---: | ---: |"]
     for rope in ropes:
         a = r["enc_rope"][rope]
-        L.append(f"| {rope} | {a['raw']['spearman']:.2f} | {two(a['contrastive'])} |")
+        L.append(f"| {rope} | {a['raw']['spearman']:.2f} | {two(a['contrastive'])} | {losses(a['snli_dev'])} |")
     L += ["", "## (b) a mode token before every text at embedding time", "",
-          "| model | prompt | Spearman |", "| --- | --- | ---: |"]
+          "| model | prompt | Spearman | SNLI dev loss |", "| --- | --- | ---: | ---: |"]
     for name, s in r["mode_token"]["raw"].items():
-        L.append(f"| UL2 encoder (mean) | {name} | {s['spearman']:.2f} |")
+        L.append(f"| UL2 encoder (mean) | {name} | {s['spearman']:.2f} | |")
     for name, runs in r["mode_token"]["contrastive"].items():
-        L.append(f"| UL2 encoder + contrastive (trained and scored with it) | {name} | {two(runs)} |")
+        L.append(f"| UL2 encoder + contrastive (trained and scored with it) | {name} | {two(runs)} | "
+                 f"{losses(r['mode_token']['snli_dev'][name])} |")
     L += ["", "## (c) pooling after the contrastive stage (trained with the same pooling)", "",
-          "| pooling | Spearman | Pearson |", "| --- | ---: | ---: |"]
+          "| pooling | Spearman | Pearson | SNLI dev loss |", "| --- | ---: | ---: | ---: |"]
     for how, runs in r["pooling"].items():
-        L.append(f"| {how} | {two(runs)} | {two(runs, 'pearson')} |")
+        L.append(f"| {how} | {two(runs)} | {two(runs, 'pearson')} | {losses(r['pooling_snli_dev'][how])} |")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(L) + "\n")
     os.replace(path + ".tmp", path)

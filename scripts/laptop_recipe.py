@@ -32,9 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402  (the repo root is on the path only now)
 
-# How much Wikipedia to tokenize: a little more than the decoder reads (650 x 8 x 256 = 1.33M tokens, ~6 MB),
-# so no window repeats; more text would only grow the trimmed vocabulary (the LM head: ~42K rows at 8 MB,
-# 57K at 40 MB) without being read. MB of enwiki_train.txt from its start.
+# How much Wikipedia to tokenize: a little more than the decoder reads (1600 x 8 x 256 = 3.28M tokens; 18 MB
+# give 3.84M), so no window repeats; more text would only grow the trimmed vocabulary (the LM head: ~42K rows
+# at 8 MB, 51K at 18 MB, 57K at 40 MB) without being read. MB of enwiki_train.txt from its start.
 TRAIN_MB = 18
 FAST_TRAIN_MB = 1.0
 # fast mode: the same stages at toy sizes (the test suite runs this)

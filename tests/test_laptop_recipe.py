@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -71,3 +72,27 @@ def test_fast_recipe_end_to_end(tmp_path, shared_data):
     for stage in ("prepare.py", "train.py", "extract.py", "eval_embed.py"):
         assert f" {stage} " not in log, stage
     assert json.loads((out / "report.json").read_text())["sts_dev"] == rows
+
+
+@pytest.mark.slow
+def test_fast_ablations_report_every_arm(tmp_path, shared_data):
+    """scripts/laptop_ablations.py --fast after a --fast recipe: every arm of (a), (b), (c) is trained, scored on
+    STS-B dev and carries its SNLI dev loss; (a) and (b) over three seeds, reusing the recipe's seeds 1, 2."""
+    out = tmp_path / "laptop"
+    recipe(out, shared_data)
+    proc = subprocess.run([sys.executable, "scripts/laptop_ablations.py", "--fast", "--recipe", str(out),
+                           "--shared", shared_data], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "ablations" / "ablations.json").read_text())
+    recipe_ul2 = json.loads((out / "report.json").read_text())["stages"]["contrastive ul2 seed 1"]["val_last"]
+    assert set(r["enc_rope"]) == {"none", "prefix"}
+    for arm in r["enc_rope"].values():
+        assert len(arm["contrastive"]) == len(arm["snli_dev"]) == 3
+        assert arm["val_loss_end"] < arm["val_loss_iter0"]  # each UL2 arm trained
+        assert all(x["pairs"] == 1500 and math.isfinite(x["spearman"]) for x in [arm["raw"], *arm["contrastive"]])
+    assert r["enc_rope"][r["base_enc_rope"]]["snli_dev"][0] == recipe_ul2  # seed 1 is the recipe's own run
+    assert set(r["mode_token"]["raw"]) == {"none", "<|ul2_R|>", "<|ul2_S|>"}
+    assert all(len(v) == 3 for v in [*r["mode_token"]["contrastive"].values(), *r["mode_token"]["snli_dev"].values()])
+    assert set(r["pooling"]) == {"mean", "last", "cls"} and all(len(v) == 2 for v in r["pooling"].values())
+    table = (out / "ablations" / "ablations.md").read_text()
+    assert "SNLI dev loss" in table and "| prefix |" in table and "| cls |" in table
