@@ -20,8 +20,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_seq_len: int = 40960
     tie_embeddings: bool = True      # the encoder-decoder always ties; Qwen3 may not
-    enc_rope: str = "none"           # encoder keys in merged attention: 'none' (unrotated, as T5Gemma2) or
-                                     # 'prefix' (rotated at their own positions, decoder positions after them)
+    enc_rope: str = "prefix"         # encoder keys in merged attention: 'prefix' (rotated at their own positions,
+                                     # decoder positions after them; the laptop ablation's winner) or 'none'
+                                     # (unrotated, as T5Gemma2)
 
     def __post_init__(self):
         checks = [
