@@ -4,11 +4,11 @@
       decoder query at position m sees every encoder key at distance m) or rotated at their own positions with
       the decoder's positions continuing after the encoder's ('prefix'). Two UL2 runs from the same decoder
       (the recipe's UL2 run is one arm): validation loss per denoiser right after conversion (iter 0) and after
-      UL2, and STS-B dev of each encoder, raw (mean pooling) and after the same contrastive stage (two seeds).
+      UL2, and STS-B dev of each encoder, raw (mean pooling) and after the same contrastive stage (three seeds).
   (b) a UL2 mode token before every text at embedding time, or not. eval_embed tokenizes with special tokens
       allowed, so the prompt text "<|ul2_S|>" becomes id 151671. Raw UL2 encoder with <|ul2_R|> / <|ul2_S|> /
       none; then the contrastive stage trained and evaluated with <|ul2_S|> before every text (S: clean text
-      in the encoder, as the prefix-LM denoiser gives it, where R/X inputs hold sentinels).
+      in the encoder, as the prefix-LM denoiser gives it, where R/X inputs hold sentinels); three seeds.
   (c) mean / last / cls pooling, each trained by the contrastive stage with that pooling (two seeds).
 
 Every contrastive arm reports its SNLI dev loss (the stage's own validation loss) beside STS-B dev, so a
@@ -155,15 +155,19 @@ def main():
     print(open(p("ablations.md")).read())
 
 
+def spread(xs, digits=2):
+    """'mean (run / run)' of numbers over seeds."""
+    return f"{R.mean(xs):.{digits}f} ({' / '.join(f'{x:.{digits}f}' for x in xs)})"
+
+
 def two(runs, key="spearman"):
-    """'mean (run / run)' of a metric over seeds."""
-    xs = [r[key] for r in runs]
-    return f"{R.mean(xs):.2f} ({' / '.join(f'{x:.2f}' for x in xs)})"
+    """spread of an STS metric over seeds."""
+    return spread([r[key] for r in runs])
 
 
 def losses(xs):
-    """'mean (run / run)' of SNLI dev losses."""
-    return f"{R.mean(xs):.3f} ({' / '.join(f'{x:.3f}' for x in xs)})"
+    """spread of SNLI dev losses."""
+    return spread(xs, 3)
 
 
 def write_markdown(r, path):
