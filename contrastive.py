@@ -18,8 +18,11 @@ Data (`contrastive_data`, `contrastive_val_data`):
   - any other file: one sentence per line, each example the sentence twice (unsupervised SimCSE: the two
     copies differ only by dropout, so set contrastive_*_dropout > 0).
 Slot 0 of an example is the query (contrastive_query_prefix is prepended to its text), the others are
-documents (contrastive_doc_prefix). Prefix and text are joined as strings, as sentence-transformers'
-prompts are, and tokenized as eval_embed embeds them (no mode token, no eos).
+documents (contrastive_doc_prefix). Before either goes the mode token (contrastive_mode_token; 'auto' is
+<|ul2_S|> from a UL2 checkpoint, as the laptop ablation (b) chose, else none): mode + prefix + text, joined as
+strings as sentence-transformers' prompts are and tokenized as eval_embed embeds them (special tokens allowed,
+no eos). extract.py exports the mode token as the directory's 'default' prompt, put before every text no other
+prompt is asked for (STS included), and mode + prefix as its 'query' / 'document' prompts.
 
 Loss: for query i, cross-entropy over scale * cos(q_i, c) for every candidate c = every positive and hard
 negative of the batch, the target being its own positive (scale = 1 / temperature). Under torchrun the
@@ -50,12 +53,16 @@ CONFIG = {
     "contrastive_matryoshka_weights": [],  # one weight per dim; [] = 1 each
     "contrastive_query_prefix": "",        # e.g. 'query: '
     "contrastive_doc_prefix": "",          # e.g. 'passage: '
+    "contrastive_mode_token": "auto",      # text before every text, queries, documents and STS alike (the exported
+                                           # 'default' prompt): 'auto' = '<|ul2_S|>' from a UL2 checkpoint, an
+                                           # extracted encoder's own default prompt, '' from Qwen3 or scratch
     "contrastive_attn_dropout": 0.1,       # on attention probabilities (model.set_dropout), training only
     "contrastive_hidden_dropout": 0.1,     # on each block's attention and MLP outputs
     "contrastive_gather": True,            # under torchrun: negatives from every process
 }
 POOLINGS = ("mean", "cls", "last")
 MAX_SCALE = 100.0
+UL2_MODE_TOKEN = "<|ul2_S|>"  # S: clean text in the encoder, as UL2's prefix-LM denoiser gives it
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,6 +268,28 @@ def load_start(path):
     return qwen3_from_encoder(cfg, tensors)
 
 
+def resolve_mode_token(c):
+    """The text contrastive_mode_token stands for in this run ('auto' resolved from the starting point; a resumed
+    run keeps the one its checkpoint recorded, '' for runs from before the key existed)."""
+    mode = getattr(c, "contrastive_mode_token", CONFIG["contrastive_mode_token"])
+    if mode != "auto":
+        return mode
+    init_from = getattr(c, "init_from", "scratch")
+    if init_from == "resume":
+        import checkpoint
+        source = checkpoint.newest(c.out_dir)
+        if source is None:
+            raise ValueError(f"init_from='resume': no checkpoint ckpt-NNNNNNN in {c.out_dir}")
+        return checkpoint.read_trainer_state(source).get("config", {}).get("contrastive_mode_token", "")
+    if init_from == "pretrained":
+        _, kind, d = start_source(c.init_path)
+        if kind == "qwen3_encdec":
+            return UL2_MODE_TOKEN
+        if kind == "qwen3_encoder":
+            return (d.get("prompts") or {}).get("default", "")
+    return ""
+
+
 def encoder_states(model, ids, mask):
     """Final states [B, T, C] of the Qwen3 run bidirectionally, through model.forward when it can return
     them (DDP and FSDP hook forward), else hidden() on the unwrapped model."""
@@ -309,6 +338,9 @@ class Objective:
             raise ValueError("objective='contrastive' needs --contrastive_data=FILE (NLI TSV, anchor/positive TSV, "
                              "or one sentence per line)")
         self.prefixes = (g("contrastive_query_prefix"), g("contrastive_doc_prefix"))
+        self.mode = resolve_mode_token(c)
+        # recorded resolved: trainer_state.json's config is what extract.py and eval_embed read the prompts from
+        c.contrastive_mode_token = self.mode
         self.gather = bool(g("contrastive_gather"))
         hard = bool(g("contrastive_hard_negatives"))
         self.seed = getattr(c, "seed", 0)
@@ -353,7 +385,7 @@ class Objective:
             ids = set()
             for stream in (self.train, self.val):
                 for ex in (stream.examples if stream else []):
-                    texts = [self.prefixes[min(s, 1)] + t for s, slot in enumerate(ex) for t in slot]
+                    texts = [self.text(s, t) for s, slot in enumerate(ex) for t in slot]
                     for x in self.tokenizer.encode_batch(texts):
                         ids.update(x[:self.max_len])
             import tokenizer as tok
@@ -363,11 +395,15 @@ class Objective:
 
     # ---- batches
 
+    def text(self, slot, t):
+        """What the model reads for text t in slot 0 (the query) or a later slot (a document)."""
+        return self.mode + self.prefixes[min(slot, 1)] + t
+
     def pack(self, examples):
         """list of [query, doc, (neg)] texts -> ids, mask [rows, k, T] (right-padded, T = the longest)."""
         import eval_embed
         k = len(examples[0])
-        texts = [self.prefixes[min(s, 1)] + t for ex in examples for s, t in enumerate(ex)]
+        texts = [self.text(s, t) for ex in examples for s, t in enumerate(ex)]
         toks = eval_embed.tokenize(self.tokenizer, texts, self.max_len)
         T = max(len(x) for x in toks)
         ids = np.full((len(texts), T), self.tokenizer.pad_id, dtype=np.int64)

@@ -29,7 +29,8 @@ Matryoshka: --dims 128,64 also evaluates every model at the first 128 and 64 val
 (renormalised) as columns MODEL@128, MODEL@64; each text is embedded once for all of them.
 Prompts: retrieval puts the model's 'query' prompt before queries and its 'document' (or 'passage') prompt
 before documents (an exported directory's or a sentence-transformers model's), unless --query_prompt /
---doc_prompt say otherwise. STS embeds plain text.
+--doc_prompt say otherwise. Every other text (STS, and a role the model has no prompt for) gets the model's
+default prompt (its 'default', a contrastive run's mode token), as sentence-transformers' default_prompt_name.
 The JSON maps model -> task -> metric; an existing --out file is updated, so several runs build one
 side-by-side table (written next to it as .md).
 """
@@ -151,6 +152,20 @@ def contrastive_run_config(path):
     return c if c.get("objective") == "contrastive" else None
 
 
+def run_prompts(run):
+    """The prompts a contrastive run's encoder is read with (its config, as contrastive.py trained it):
+    'default', the mode token, before every text no other prompt is asked for; 'query' / 'document', the mode
+    token + the role's prefix (sentence-transformers uses one prompt per text, so each holds the mode token)."""
+    mode = run.get("contrastive_mode_token", "")  # runs from before the key existed had none
+    if mode == "auto":
+        raise ValueError("contrastive_mode_token 'auto' was never resolved; contrastive.Objective records the text")
+    prompts = {"default": mode}
+    for role, key in (("query", "contrastive_query_prefix"), ("document", "contrastive_doc_prefix")):
+        if run.get(key):
+            prompts[role] = mode + run[key]
+    return {k: v for k, v in prompts.items() if v}
+
+
 class Encoder:
     """Texts -> embeddings with one of this project's models.
 
@@ -172,7 +187,10 @@ class Encoder:
     @torch.inference_mode()
     def encode(self, texts, batch_size=None, progress=False, prompt=None):
         """list of str -> float32 numpy [N, C] in input order. `prompt` (a string) is prepended to every text;
-        with truncate_dim the embeddings are that prefix of the full ones (normalised when normalize is on)."""
+        None: the model's default prompt (self.prompts['default'], if any), '' none (as sentence-transformers).
+        With truncate_dim the embeddings are that prefix of the full ones (normalised when normalize is on)."""
+        if prompt is None:
+            prompt = self.prompts.get("default")
         texts = [prompt + t for t in texts] if prompt else texts
         ids = self.tokenize(texts)
         out = np.zeros((0, 0), dtype=np.float32)
@@ -222,8 +240,7 @@ class Encoder:
         import tokenizer as tok
         m = M.Qwen3.from_pretrained(path).to(device=device, dtype=dtype).eval()
         run = contrastive_run_config(path) or {}
-        prompts = {k: run.get(f"contrastive_{n}_prefix") for k, n in (("query", "query"), ("document", "doc"))}
-        kw.setdefault("prompts", {k: v for k, v in prompts.items() if v})
+        kw.setdefault("prompts", run_prompts(run))
         return cls(bidirectional(m), tok.load_tokenizer(), pooling or run.get("contrastive_pooling", "mean"), True,
                    device=device, name=os.path.basename(os.path.normpath(path)), **kw)
 
@@ -260,7 +277,8 @@ class STModel:
 
     def encode(self, texts, batch_size=None, progress=False, prompt=None):
         # sentence-transformers sorts by length itself and applies its own pooling/normalisation
-        e = self.model.encode(list(texts), batch_size=batch_size or self.batch_size, prompt=prompt or None,
+        # prompt None: its default_prompt_name's prompt, if it has one; '' none
+        e = self.model.encode(list(texts), batch_size=batch_size or self.batch_size, prompt=prompt,
                               show_progress_bar=progress, convert_to_numpy=True)
         return np.asarray(e, dtype=np.float32)
 
@@ -532,10 +550,11 @@ def retrieval_metrics(run, qrels, ks=RETRIEVAL_KS):
 
 def retrieval_prompts(model, query_prompt=None, doc_prompt=None):
     """(query prompt, document prompt): the ones given, else the model's own ('query', and 'document' or
-    'passage', as an exported directory or a sentence-transformers model names them), else none."""
+    'passage', as an exported directory or a sentence-transformers model names them), else None: the model's
+    default prompt, if it has one."""
     p = getattr(model, "prompts", None) or {}
-    q = query_prompt if query_prompt is not None else p.get("query", "")
-    d = doc_prompt if doc_prompt is not None else p.get("document", p.get("passage", ""))
+    q = query_prompt if query_prompt is not None else p.get("query")
+    d = doc_prompt if doc_prompt is not None else p.get("document", p.get("passage"))
     return q, d
 
 

@@ -24,8 +24,10 @@ Matryoshka width and with each prompt):
   SentenceTransformer(dir, trust_remote_code=True, truncate_dim=None).encode(texts, prompt_name=None,
                       normalize_embeddings=True)                                             sentence-transformers
 (sentence-transformers truncates after its Normalize module: at a truncate_dim pass normalize_embeddings=True
-for unit vectors; cosine similarity is the same either way). Texts are embedded as their plain tokens: no mode
-token, no eos; a prompt is text prepended to the text.
+for unit vectors; cosine similarity is the same either way). Texts are embedded as their tokens, no eos; a
+prompt is text prepended to the text (special tokens allowed: '<|ul2_S|>' is one token). A contrastive run's
+mode token is the 'default' prompt: this project and sentence-transformers (default_prompt_name) put it before
+every text asked for with no prompt; with transformers, prepend config.prompts['default'] yourself.
 """
 import argparse
 import json
@@ -143,8 +145,9 @@ def write_json(path, obj):
 
 def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len=512, sources=(), prompts=None,
                       matryoshka_dims=()):
-    """Write every file of the exported directory into `out` (a fresh directory). prompts: {'query': ...,
-    'document': ...} texts to prepend (sentence-transformers' prompt_name); matryoshka_dims: the prefix widths
+    """Write every file of the exported directory into `out` (a fresh directory). prompts: {'default': ...,
+    'query': ..., 'document': ...} texts to prepend (sentence-transformers' prompt_name; 'default' is its
+    default_prompt_name, put before every text no other prompt is asked for); matryoshka_dims: the prefix widths
     the model was trained for (recorded; any truncate_dim works)."""
     from safetensors.torch import save_file
     import tokenizer as tok
@@ -191,7 +194,7 @@ def write_encoder_dir(out, cfg, tensors, pooling="mean", normalize=True, max_len
                {"word_embedding_dimension": cfg.hidden_size, **{k: p == pooling for p, k in keys.items()}})
     st = {"similarity_fn_name": "cosine"}
     if prompts:
-        st.update(prompts=prompts, default_prompt_name=None)
+        st.update(prompts=prompts, default_prompt_name="default" if prompts.get("default") else None)
     write_json(os.path.join(out, "config_sentence_transformers.json"), st)
 
 
@@ -213,15 +216,17 @@ def embed_three_ways(path, texts=VERIFY_TEXTS, truncate_dim=None, prompt_name=No
     """{loader: float32 numpy [N, C]} for this project, transformers and sentence-transformers (all fp32).
     truncate_dim: the Matryoshka prefix, normalised (sentence-transformers truncates after its Normalize
     module, so it is asked to normalise again). prompt_name: a prompt of the directory ('query', 'document')
-    prepended to every text."""
+    prepended to every text; None: each loader as a user calls it with no prompt (this project and
+    sentence-transformers apply the directory's default prompt themselves, transformers is given it)."""
     import numpy as np
     ours, (hf_tok, hf_model), st = loaders or three_loaders(path)
     texts = list(texts)
     prompt = ours.prompts[prompt_name] if prompt_name else None
     ours.truncate_dim = hf_model.config.truncate_dim = truncate_dim
     out = {"project": ours.encode(texts, batch_size=len(texts), prompt=prompt)}
+    hf_prompt = prompt if prompt_name else (hf_model.config.prompts or {}).get("default", "")
     with torch.inference_mode():
-        batch = hf_tok([(prompt or "") + t for t in texts], padding=True, truncation=True, return_tensors="pt")
+        batch = hf_tok([hf_prompt + t for t in texts], padding=True, truncation=True, return_tensors="pt")
         out["transformers"] = hf_model(**batch).pooler_output.float().numpy()
     out["sentence-transformers"] = np.asarray(
         st.encode(texts, batch_size=len(texts), prompt_name=prompt_name, truncate_dim=truncate_dim,
@@ -252,10 +257,12 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the encoder directory to write")
     p.add_argument("--pooling", default=None, choices=POOLINGS,
                    help="default: the contrastive run's contrastive_pooling, else mean")
-    p.add_argument("--query_prompt", default=None, help="text prepended to queries (prompt_name 'query'); "
-                   "default: the contrastive run's contrastive_query_prefix")
-    p.add_argument("--doc_prompt", default=None, help="text prepended to documents (prompt_name 'document'); "
-                   "default: the contrastive run's contrastive_doc_prefix")
+    p.add_argument("--default_prompt", default=None, help="text prepended to every text no other prompt is asked "
+                   "for, STS included (prompt_name 'default'); default: the contrastive run's mode token")
+    p.add_argument("--query_prompt", default=None, help="the whole text prepended to queries (prompt_name 'query'); "
+                   "default: the run's mode token + contrastive_query_prefix")
+    p.add_argument("--doc_prompt", default=None, help="the whole text prepended to documents (prompt_name "
+                   "'document'); default: the run's mode token + contrastive_doc_prefix")
     p.add_argument("--no_normalize", action="store_true", help="leave embeddings unnormalised")
     p.add_argument("--average_last", type=int, default=1, help="average the last N checkpoints of an out_dir")
     p.add_argument("--max_len", type=int, default=512, help="token limit the loaders truncate to")
@@ -279,8 +286,13 @@ def main(argv=None):
     # a contrastive run decides how its embeddings are read: pooling, prompts, Matryoshka widths
     run = eval_embed.contrastive_run_config(paths[-1]) or {}
     pooling = args.pooling or run.get("contrastive_pooling", "mean")
-    prompts = {"query": args.query_prompt if args.query_prompt is not None else run.get("contrastive_query_prefix", ""),
-               "document": args.doc_prompt if args.doc_prompt is not None else run.get("contrastive_doc_prefix", "")}
+    try:
+        prompts = eval_embed.run_prompts(run)
+    except ValueError as e:
+        fail(f"{paths[-1]}/trainer_state.json: {e}")
+    for name, given in (("default", args.default_prompt), ("query", args.query_prompt), ("document", args.doc_prompt)):
+        if given is not None:
+            prompts[name] = given
     prompts = {k: v for k, v in prompts.items() if v} or None
     dims = [d for d in run.get("contrastive_matryoshka_dims", []) if d < cfg.hidden_size]
     tmp = args.out.rstrip("/") + ".tmp"
@@ -288,7 +300,7 @@ def main(argv=None):
     try:
         write_encoder_dir(tmp, cfg, tensors, pooling, not args.no_normalize, args.max_len, paths, prompts, dims)
         if args.verify:
-            diffs = verify(tmp, truncate_dims=dims[-1:], prompt_names=list(prompts or {}))
+            diffs = verify(tmp, truncate_dims=dims[-1:], prompt_names=[k for k in prompts or {} if k != "default"])
             print("verify: max |diff| from this project's embeddings " +
                   ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     except (OSError, ValueError) as e:

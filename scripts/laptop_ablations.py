@@ -7,9 +7,12 @@
       UL2, and STS-B dev of each encoder, raw (mean pooling) and after the same contrastive stage (three seeds).
   (b) a UL2 mode token before every text at embedding time, or not. eval_embed tokenizes with special tokens
       allowed, so the prompt text "<|ul2_S|>" becomes id 151671. Raw UL2 encoder with <|ul2_R|> / <|ul2_S|> /
-      none; then the contrastive stage trained and evaluated with <|ul2_S|> before every text (S: clean text
-      in the encoder, as the prefix-LM denoiser gives it, where R/X inputs hold sentinels); three seeds.
+      none; then the contrastive stage with and without <|ul2_S|> (contrastive_mode_token: the recipe's runs
+      use the default, 'auto' = <|ul2_S|> from a UL2 checkpoint; the other arm sets it), each exported with its
+      token as the default prompt, so STS is scored as trained (S: clean text in the encoder, as the prefix-LM
+      denoiser gives it, where R/X inputs hold sentinels); three seeds.
   (c) mean / last / cls pooling, each trained by the contrastive stage with that pooling (two seeds).
+(a) and (c) run the contrastive stage with the recipe's mode token.
 
 Every contrastive arm reports its SNLI dev loss (the stage's own validation loss) beside STS-B dev, so a
 default is not chosen on STS-B alone.
@@ -18,8 +21,8 @@ default is not chosen on STS-B alone.
     python scripts/laptop_ablations.py --fast --recipe out/laptop-fast   # after laptop_recipe.py --fast
 
 Training runs are ordinary train.py / extract.py / eval_embed.py commands, printed before they run and
-skipped when their output exists. The mode-token scores (b) are computed in this process: eval_embed.py's
-STS embeds plain text, so the prompt is passed to Encoder.encode. Writes ablations.md and ablations.json.
+skipped when their output exists. The raw encoder's mode-token scores (b) are computed in this process, the
+prompt passed to Encoder.encode (a raw encoder has no default prompt). Writes ablations.md and ablations.json.
 """
 import argparse
 import json
@@ -34,17 +37,17 @@ MODE_PROMPTS = {"none": "", "<|ul2_R|>": "<|ul2_R|>", "<|ul2_S|>": "<|ul2_S|>"}
 # (a) and (b) compare arms that differ by little, so they get a third seed (the recipe ran seeds 1, 2: the
 # ablation adds seed 3 of the recipe's own UL2 arm); (c) keeps the recipe's two
 AB_SEEDS = (*R.SEEDS, 3)
-CONTRASTIVE_MODE = "<|ul2_S|>"
+CONTRASTIVE_MODE = "<|ul2_S|>"  # contrastive.UL2_MODE_TOKEN, what 'auto' gives a UL2 start
 
 
 class WithPrompt:
-    """An eval_embed model whose every text gets `prompt` in front (what eval_sts needs: it passes none)."""
+    """An eval_embed model whose every text gets `prompt` in front ('' none); eval_sts asks for no prompt."""
 
     def __init__(self, model, prompt):
         self.model, self.prompt = model, prompt
 
     def encode(self, texts, batch_size=None, progress=False, prompt=None):
-        return self.model.encode(texts, batch_size=batch_size, progress=progress, prompt=self.prompt or None)
+        return self.model.encode(texts, batch_size=batch_size, progress=progress, prompt=self.prompt)
 
 
 def sts_with_prompt(enc_dir, prompt, sts):
@@ -129,14 +132,17 @@ def main():
     base_raw = raw_enc[base_rope]
     for name, prompt in MODE_PROMPTS.items():
         report["mode_token"]["raw"][name] = sts_with_prompt(base_raw, prompt, dev)
-    tag = CONTRASTIVE_MODE.strip("<|>")
-    mode_enc = [contrastive(f"ul2-{tag}", ul2_start, [f"--contrastive_query_prefix={CONTRASTIVE_MODE}",
-                                                      f"--contrastive_doc_prefix={CONTRASTIVE_MODE}"], s) for s in AB_SEEDS]
-    report["mode_token"]["contrastive"] = {
-        "none": [scores[f"ours:{e}"] for e in con_enc[base_rope]],
-        CONTRASTIVE_MODE: [sts_with_prompt(e, CONTRASTIVE_MODE, dev) for e in mode_enc]}
-    report["mode_token"]["snli_dev"] = {"none": [snli[e] for e in con_enc[base_rope]],
-                                        CONTRASTIVE_MODE: [snli[e] for e in mode_enc]}
+    # the recipe's runs are one arm (the mode token they recorded); train the other with it set explicitly
+    state = R.checkpoint.read_trainer_state(R.checkpoint.newest(os.path.join(rec, "contrastive", f"ul2-s{R.SEEDS[0]}")))
+    base_mode = state["config"].get("contrastive_mode_token", "")
+    other_mode = "" if base_mode else CONTRASTIVE_MODE
+    mode_enc = {base_mode: con_enc[base_rope],
+                other_mode: [contrastive(f"ul2-{other_mode.strip('<|>') or 'notoken'}", ul2_start,
+                                         [f"--contrastive_mode_token={other_mode}"], s) for s in AB_SEEDS]}
+    scores = R.evaluate(py, [f"ours:{e}" for e in mode_enc[other_mode]], dev, results)
+    report["mode_token"]["recipe"] = base_mode or "none"
+    report["mode_token"]["contrastive"] = {m or "none": [scores[f"ours:{e}"] for e in mode_enc[m]] for m in ("", CONTRASTIVE_MODE)}
+    report["mode_token"]["snli_dev"] = {m or "none": [snli[e] for e in mode_enc[m]] for m in ("", CONTRASTIVE_MODE)}
 
     # (c) pooling, each trained with the pooling it is scored with
     pool_enc = {"mean": con_enc[base_rope][:len(R.SEEDS)]}
@@ -191,12 +197,14 @@ def write_markdown(r, path):
     for rope in ropes:
         a = r["enc_rope"][rope]
         L.append(f"| {rope} | {a['raw']['spearman']:.2f} | {two(a['contrastive'])} | {losses(a['snli_dev'])} |")
-    L += ["", "## (b) a mode token before every text at embedding time", "",
+    mode = r["mode_token"].get("recipe", "none")
+    L += ["", f"(a) and (c) train the contrastive stage with the recipe's mode token ({mode}).", "",
+          "## (b) a mode token before every text at embedding time", "",
           "| model | prompt | Spearman | SNLI dev loss |", "| --- | --- | ---: | ---: |"]
     for name, s in r["mode_token"]["raw"].items():
         L.append(f"| UL2 encoder (mean) | {name} | {s['spearman']:.2f} | |")
     for name, runs in r["mode_token"]["contrastive"].items():
-        L.append(f"| UL2 encoder + contrastive (trained and scored with it) | {name} | {two(runs)} | "
+        L.append(f"| UL2 encoder + contrastive (trained with it, its default prompt) | {name} | {two(runs)} | "
                  f"{losses(r['mode_token']['snli_dev'][name])} |")
     L += ["", "## (c) pooling after the contrastive stage (trained with the same pooling)", "",
           "| pooling | Spearman | Pearson | SNLI dev loss |", "| --- | ---: | ---: | ---: |"]

@@ -212,6 +212,46 @@ def test_starting_points(tmp_path, hf_qwen3_dir):
         C.load_start(str(tmp_path / "bad"))
 
 
+def test_mode_token_auto_follows_the_starting_point(tmp_path, hf_qwen3_dir):
+    """contrastive_mode_token='auto' is <|ul2_S|> from a UL2 checkpoint (every text, query and document, starts
+    with id 151671), an extracted encoder's default prompt, '' from Qwen3 or scratch, and on resume what the
+    checkpoint recorded; the resolved text is written back to the config train.py saves."""
+    import tokenizer as tok
+    f = write(tmp_path / "nli.tsv", NLI)
+    random_encdec().save_pretrained(str(tmp_path / "ul2" / "ckpt-0000010"))
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "config.json").write_text(json.dumps({"model_type": "qwen3_encoder", "prompts": {"default": "<|ul2_R|>"}}))
+    (tmp_path / "run").mkdir()
+    cases = [(dict(init_from="pretrained", init_path=str(tmp_path / "ul2")), "<|ul2_S|>"),
+             (dict(init_from="pretrained", init_path=str(enc)), "<|ul2_R|>"),
+             (dict(init_from="qwen3", qwen3_path=hf_qwen3_dir), ""),
+             (dict(init_from="scratch"), ""),
+             (dict(init_from="pretrained", init_path=str(tmp_path / "ul2"), contrastive_mode_token=""), ""),
+             (dict(init_from="scratch", contrastive_mode_token="<|ul2_X|>"), "<|ul2_X|>")]
+    for kw, want in cases:
+        c = config(f, **kw, contrastive_query_prefix="q: ", out_dir=str(tmp_path / "run"))
+        assert C.resolve_mode_token(c) == want, kw
+        obj = C.Objective(c, get_preset("tiny"))
+        assert c.contrastive_mode_token == want  # what trainer_state.json records
+        b = obj.train_batch(0, 0, 2)
+        want_ids = tok.load_tokenizer().encode(want + "q: Two dogs play.")
+        firsts = [b["ids"][i, 0, :b["mask"][i, 0].sum()].tolist() for i in range(2)]
+        assert want_ids in firsts
+        if want == "<|ul2_S|>":
+            assert (b["ids"][:, :, 0] == tok.MODE_IDS["S"]).all() and want_ids[:3] == [tok.MODE_IDS["S"], 80, 25]
+            assert tok.MODE_IDS["S"] in obj.extra_ids  # trim_vocab keeps its row
+    # resume: what the newest checkpoint's trainer_state.json says, whatever the starting point
+    ckpt = tmp_path / "run" / "ckpt-0000004"
+    tiny_qwen3().save_pretrained(str(ckpt))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"iter": 4, "config": {"contrastive_mode_token": "<|ul2_S|>"}}))
+    from safetensors.torch import save_file
+    save_file({"rng.torch.0": torch.get_rng_state()}, str(ckpt / "trainer_state.safetensors"))
+    assert C.resolve_mode_token(config(f, init_from="resume", out_dir=str(tmp_path / "run"))) == "<|ul2_S|>"
+    (ckpt / "trainer_state.json").write_text(json.dumps({"iter": 4, "config": {}}))  # a run from before the key
+    assert C.resolve_mode_token(config(f, init_from="resume", out_dir=str(tmp_path / "run"))) == ""
+
+
 # ---------------------------------------------------------------------------------------
 # gather across 2 processes == one process with the whole batch
 
@@ -433,7 +473,7 @@ def test_train_py_two_processes_equal_one_with_the_whole_batch(tmp_path, hf_qwen
 @pytest.mark.slow
 def test_train_py_from_a_ul2_run_learned_temperature_trimmed_resumes_exactly(tmp_path):
     """init_from='pretrained' (a UL2 out_dir), a learned temperature, trim_vocab: 4 iterations straight ==
-    2, then resume to 4 (weights and temperature); the temperature moved; extract ships the result."""
+    2, then resume to 4 (weights and temperature, the mode token); the temperature moved; extract ships it."""
     import train
     ed = random_encdec()
     ed.save_pretrained(str(tmp_path / "ul2" / "ckpt-0000010"))
@@ -453,6 +493,14 @@ def test_train_py_from_a_ul2_run_learned_temperature_trimmed_resumes_exactly(tmp
     sa, sb = (json.loads((tmp_path / r / "ckpt-0000004" / "trainer_state.json").read_text())["objective_params"]
               for r in ("straight", "split"))
     assert sa == sb and sa["contrastive.log_scale"] != pytest.approx(math.log(20), abs=1e-6)
+    # from a UL2 run the mode token is <|ul2_S|> ('auto'), kept on resume (the weights above match only if the
+    # resumed half read the same texts), and shipped as the encoder's default prompt
+    for r in ("straight", "split"):
+        state = json.loads((tmp_path / r / "ckpt-0000004" / "trainer_state.json").read_text())
+        assert state["config"]["contrastive_mode_token"] == "<|ul2_S|>"
+    import extract
+    extract.main(["--ckpt", str(tmp_path / "split"), "--out", str(tmp_path / "enc")])
+    assert json.loads((tmp_path / "enc" / "config.json").read_text())["prompts"] == {"default": "<|ul2_S|>"}
     # the trained model is the UL2 encoder moved on: same shapes, changed weights
     assert a["model.embed_tokens.weight"].shape == ed.embed.weight.shape
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], ed.encoder.layers[0].attn.q_proj.weight)

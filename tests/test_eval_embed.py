@@ -307,6 +307,26 @@ def test_retrieval_prompts_default_to_the_models_and_can_be_overridden(tmp_path)
     # every query now shares "gamma" with d2: it climbs to rank 1 or 2 for each, so MRR drops below 1
     assert m["mrr@10"] < 100.0
     assert E.retrieval_prompts(Recorder(None, {"query": "q: ", "passage": "p: "})) == ("q: ", "p: ")
+    # a model with only a default prompt: retrieval asks for none, so the model applies its default to both
+    assert E.retrieval_prompts(Recorder(None, {"default": "gamma "})) == (None, None)
+
+
+def test_default_prompt_goes_before_every_text_given_no_prompt(tmp_path):
+    """Encoder.encode(prompt=None) puts prompts['default'] first, '' asks for none (sentence-transformers'
+    default_prompt_name); STS and retrieval both embed through it."""
+    enc = toy_encoder()
+    with_default = toy_encoder()
+    with_default.prompts = {"default": "gamma ", "query": "delta "}
+    texts = ["alpha beta", "beta"]
+    np.testing.assert_allclose(with_default.encode(texts), enc.encode(["gamma " + t for t in texts]), atol=1e-6)
+    np.testing.assert_allclose(with_default.encode(texts, prompt=""), enc.encode(texts), atol=1e-6)
+    np.testing.assert_allclose(with_default.encode(texts, prompt="delta "), enc.encode(["delta " + t for t in texts]),
+                               atol=1e-6)
+    f = tmp_path / "sts.tsv"
+    f.write_text("score\tsentence1\tsentence2\n5\talpha\talpha beta\n0\tbeta\tzeta eta\n3\talpha eta\tiota\n")
+    rec = Recorder(with_default)
+    E.eval_sts(rec, str(f), progress=False)
+    assert rec.calls == [(len({"alpha", "alpha beta", "beta", "zeta eta", "alpha eta", "iota"}), None)]
 
 
 def test_cli_dims_write_one_column_per_dimension(tmp_path, monkeypatch):

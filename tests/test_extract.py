@@ -172,9 +172,10 @@ def test_contrastive_starts_from_an_extracted_directory(run):
 # ---------------------------------------------------------------------------------------
 # a contrastive run's checkpoint (a Hugging Face Qwen3 directory + trainer_state.json) exported
 
-def contrastive_checkpoint(root):
+def contrastive_checkpoint(root, **overrides):
     """A tiny Qwen3 holding every row of the tokenizer, trained a few contrastive steps, saved as train.py
-    saves a contrastive run: Qwen3.save_pretrained + trainer_state.json with the run's config."""
+    saves a contrastive run: Qwen3.save_pretrained + trainer_state.json with the run's config (as the
+    objective left it: contrastive_mode_token resolved)."""
     import contrastive
     from types import SimpleNamespace
     data = root / "pairs.tsv"
@@ -182,8 +183,10 @@ def contrastive_checkpoint(root):
     cfg = get_preset("tiny", vocab_size=tok.VOCAB_SIZE)
     run_cfg = {**contrastive.CONFIG, "objective": "contrastive", "contrastive_data": str(data),
                "contrastive_pooling": "last", "contrastive_query_prefix": "query: ",
-               "contrastive_doc_prefix": "passage: ", "contrastive_matryoshka_dims": [64, 32, 16], "seed": 0}
-    obj = contrastive.Objective(SimpleNamespace(**run_cfg), cfg)
+               "contrastive_doc_prefix": "passage: ", "contrastive_matryoshka_dims": [64, 32, 16], "seed": 0,
+               **overrides}
+    ns = SimpleNamespace(**run_cfg)
+    obj = contrastive.Objective(ns, cfg)
     torch.manual_seed(0)
     m = M.Qwen3(cfg)
     with torch.no_grad():
@@ -198,7 +201,7 @@ def contrastive_checkpoint(root):
         opt.zero_grad()
     ckpt = root / "crun" / "ckpt-0000003"
     m.save_pretrained(str(ckpt))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"iter": 3, "config": run_cfg}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"iter": 3, "config": vars(ns)}))
     from safetensors.torch import save_file
     save_file({"rng.torch.0": torch.get_rng_state()}, str(ckpt / "trainer_state.safetensors"))
     return m.eval(), str(root / "crun")
@@ -239,3 +242,45 @@ def test_contrastive_export_loads_identically_three_ways_at_every_width(tmp_path
     assert direct.pooling == "last" and direct.prompts == cfg["prompts"]
     np.testing.assert_allclose(direct.encode(TEXTS, prompt="query: "),
                                eval_embed.Encoder.from_pretrained(enc).encode(TEXTS, prompt="query: "), atol=1e-5)
+
+
+def test_mode_token_is_the_default_prompt_in_every_loader(tmp_path):
+    """A run trained with contrastive_mode_token='<|ul2_S|>' exports it as the 'default' prompt: this project and
+    sentence-transformers (default_prompt_name) put it before every text given no prompt, transformers is given
+    it; the query / document prompts hold it too. All equal the trained Qwen3's states of id 151671 + text."""
+    S = "<|ul2_S|>"
+    m, out_dir = contrastive_checkpoint(tmp_path, contrastive_mode_token=S)
+    enc = str(tmp_path / "cenc")
+    extract.main(["--ckpt", out_dir, "--out", enc, "--verify"])  # the three loaders, default / query / document
+    cfg = json.load(open(os.path.join(enc, "config.json")))
+    assert cfg["prompts"] == {"default": S, "query": S + "query: ", "document": S + "passage: "}
+    st_cfg = json.load(open(os.path.join(enc, "config_sentence_transformers.json")))
+    assert st_cfg["prompts"] == cfg["prompts"] and st_cfg["default_prompt_name"] == "default"
+    loaders = extract.three_loaders(enc)
+    assert loaders[1][0](S + "A man.")["input_ids"][0] == tok.MODE_IDS["S"]  # one token in transformers too
+    t = tok.load_tokenizer()
+    for dim in (None, 16):
+        for prompt_name, prompt in ((None, S), ("query", S + "query: "), ("document", S + "passage: ")):
+            embs = extract.embed_three_ways(enc, TEXTS, truncate_dim=dim, prompt_name=prompt_name, loaders=loaders)
+            ref = embs["project"]
+            for name in ("transformers", "sentence-transformers"):
+                assert np.abs(embs[name] - ref).max() <= 1e-5, (name, dim, prompt_name)
+            for i, text in enumerate(TEXTS):
+                ids = torch.tensor([t.encode(prompt + text)])
+                assert ids[0, 0] == tok.MODE_IDS["S"]
+                with torch.no_grad():
+                    h = m.hidden(ids, attn="bidirectional")[0, -1][:dim or 64]
+                np.testing.assert_allclose(ref[i], torch.nn.functional.normalize(h, dim=0).numpy(), atol=1e-5)
+    ours = eval_embed.Encoder.from_pretrained(enc)
+    plain = ours.encode(TEXTS, prompt="")  # '' asks for no prompt at all
+    assert np.abs(ours.encode(TEXTS) - plain).max() > 1e-3
+    assert np.abs(loaders[2].encode(TEXTS, prompt="") - plain).max() <= 1e-5
+    # STS embeds through the default prompt; a checkpoint read directly has the same prompts
+    direct = eval_embed.load_model(out_dir + "/ckpt-0000003")
+    assert direct.prompts == cfg["prompts"]
+    np.testing.assert_allclose(direct.encode(TEXTS), ours.encode(TEXTS), atol=1e-5)
+    # an explicit --default_prompt replaces the run's; '' drops it
+    enc2 = str(tmp_path / "cenc2")
+    extract.main(["--ckpt", out_dir, "--out", enc2, "--default_prompt", ""])
+    assert json.load(open(os.path.join(enc2, "config.json")))["prompts"] == {"query": S + "query: ",
+                                                                           "document": S + "passage: "}
