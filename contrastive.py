@@ -18,8 +18,9 @@ Data (`contrastive_data`, `contrastive_val_data`):
   - any other file: one sentence per line, each example the sentence twice (unsupervised SimCSE: the two
     copies differ only by dropout, so set contrastive_*_dropout > 0).
 Slot 0 of an example is the query (contrastive_query_prefix is prepended to its text), the others are
-documents (contrastive_doc_prefix). Before either goes the mode token (contrastive_mode_token; 'auto' is
-<|ul2_S|> from a UL2 checkpoint, as the laptop ablation (b) chose, else none): mode + prefix + text, joined as
+documents (contrastive_doc_prefix). Before either goes the mode token (contrastive_mode_token, e.g. '<|ul2_S|>';
+'auto', the default, keeps the starting point's: an extracted encoder's default prompt, else none, as the
+laptop ablation (b) found no gain from <|ul2_S|> under enc_rope='prefix'): mode + prefix + text, joined as
 strings as sentence-transformers' prompts are and tokenized as eval_embed embeds them (special tokens allowed,
 no eos). extract.py exports the mode token as the directory's 'default' prompt, put before every text no other
 prompt is asked for (STS included), and mode + prefix as its 'query' / 'document' prompts.
@@ -54,15 +55,14 @@ CONFIG = {
     "contrastive_query_prefix": "",        # e.g. 'query: '
     "contrastive_doc_prefix": "",          # e.g. 'passage: '
     "contrastive_mode_token": "auto",      # text before every text, queries, documents and STS alike (the exported
-                                           # 'default' prompt): 'auto' = '<|ul2_S|>' from a UL2 checkpoint, an
-                                           # extracted encoder's own default prompt, '' from Qwen3 or scratch
+                                           # 'default' prompt), e.g. '<|ul2_S|>'; 'auto' = the starting point's: an
+                                           # extracted encoder's default prompt, '' from UL2, Qwen3 or scratch
     "contrastive_attn_dropout": 0.1,       # on attention probabilities (model.set_dropout), training only
     "contrastive_hidden_dropout": 0.1,     # on each block's attention and MLP outputs
     "contrastive_gather": True,            # under torchrun: negatives from every process
 }
 POOLINGS = ("mean", "cls", "last")
 MAX_SCALE = 100.0
-UL2_MODE_TOKEN = "<|ul2_S|>"  # S: clean text in the encoder, as UL2's prefix-LM denoiser gives it
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,8 +269,9 @@ def load_start(path):
 
 
 def resolve_mode_token(c):
-    """The text contrastive_mode_token stands for in this run ('auto' resolved from the starting point; a resumed
-    run keeps the one its checkpoint recorded, '' for runs from before the key existed)."""
+    """The text contrastive_mode_token stands for in this run: 'auto' keeps the starting point's (an extracted
+    encoder's default prompt; a resumed run the one its checkpoint recorded, '' for runs from before the key
+    existed), else none."""
     mode = getattr(c, "contrastive_mode_token", CONFIG["contrastive_mode_token"])
     if mode != "auto":
         return mode
@@ -283,8 +284,6 @@ def resolve_mode_token(c):
         return checkpoint.read_trainer_state(source).get("config", {}).get("contrastive_mode_token", "")
     if init_from == "pretrained":
         _, kind, d = start_source(c.init_path)
-        if kind == "qwen3_encdec":
-            return UL2_MODE_TOKEN
         if kind == "qwen3_encoder":
             return (d.get("prompts") or {}).get("default", "")
     return ""

@@ -15,9 +15,8 @@ contrastive_val_data = "../shared/data/nli/snli_dev.tsv"
 contrastive_hard_negatives = False
 contrastive_temperature = 0.05
 contrastive_pooling = "mean"
-contrastive_mode_token = "auto"    # <|ul2_S|> before every text from the UL2 start (ablation (b)), none from the
-                                   # causal decoder or random init (they never saw the token); exported as the
-                                   # encoder's default prompt
+contrastive_mode_token = ""        # no mode token: <|ul2_S|> before every text gained nothing on the 'prefix' UL2
+                                   # encoder (ablation (b); laptop_ablations.py trains that arm)
 contrastive_max_len = 32            # SNLI sentences are short; a batch is padded to its longest text
 contrastive_matryoshka_dims = [256, 128, 64, 32]   # d, d/2, d/4, d/8 of the 256-wide decoder
 contrastive_attn_dropout = 0.1

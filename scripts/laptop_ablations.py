@@ -8,8 +8,8 @@
   (b) a UL2 mode token before every text at embedding time, or not. eval_embed tokenizes with special tokens
       allowed, so the prompt text "<|ul2_S|>" becomes id 151671. Raw UL2 encoder with <|ul2_R|> / <|ul2_S|> /
       none; then the contrastive stage with and without <|ul2_S|> (contrastive_mode_token: the recipe's runs
-      use the default, 'auto' = <|ul2_S|> from a UL2 checkpoint; the other arm sets it), each exported with its
-      token as the default prompt, so STS is scored as trained (S: clean text in the encoder, as the prefix-LM
+      are one arm, none by default; the other arm sets it), each exported with its token as the default
+      prompt, so STS is scored as trained (S: clean text in the encoder, as the prefix-LM
       denoiser gives it, where R/X inputs hold sentinels); three seeds.
   (c) mean / last / cls pooling, each trained by the contrastive stage with that pooling (two seeds).
 (a) and (c) run the contrastive stage with the recipe's mode token.
@@ -37,7 +37,7 @@ MODE_PROMPTS = {"none": "", "<|ul2_R|>": "<|ul2_R|>", "<|ul2_S|>": "<|ul2_S|>"}
 # (a) and (b) compare arms that differ by little, so they get a third seed (the recipe ran seeds 1, 2: the
 # ablation adds seed 3 of the recipe's own UL2 arm); (c) keeps the recipe's two
 AB_SEEDS = (*R.SEEDS, 3)
-CONTRASTIVE_MODE = "<|ul2_S|>"  # contrastive.UL2_MODE_TOKEN, what 'auto' gives a UL2 start
+CONTRASTIVE_MODE = "<|ul2_S|>"  # the mode token (b) trains with
 
 
 class WithPrompt:

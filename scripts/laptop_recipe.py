@@ -8,8 +8,7 @@
   4. sample a few span infillings
   5. the SAME contrastive stage (config/laptop_contrastive.py: SNLI pairs, in-batch negatives, Matryoshka
      dims; same data, steps and seeds) from three starting points: a random init of the same shape, the
-     causal decoder (its HF directory, bidirectional) and the UL2 encoder; two seeds each (the UL2 start
-     also puts its mode token <|ul2_S|> before every text: contrastive_mode_token='auto')
+     causal decoder (its HF directory, bidirectional) and the UL2 encoder; two seeds each
   6. extract every encoder (extract.py; --verify on the final one) and score STS-B dev with eval_embed.py,
      beside the raw encoders and all-MiniLM-L6-v2; STS-B test once, for the final model only
   7. results.md + report.json in --out

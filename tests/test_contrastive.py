@@ -213,9 +213,9 @@ def test_starting_points(tmp_path, hf_qwen3_dir):
 
 
 def test_mode_token_auto_follows_the_starting_point(tmp_path, hf_qwen3_dir):
-    """contrastive_mode_token='auto' is <|ul2_S|> from a UL2 checkpoint (every text, query and document, starts
-    with id 151671), an extracted encoder's default prompt, '' from Qwen3 or scratch, and on resume what the
-    checkpoint recorded; the resolved text is written back to the config train.py saves."""
+    """contrastive_mode_token='auto' is an extracted encoder's default prompt, '' from a UL2 checkpoint, Qwen3 or
+    scratch, and on resume what the checkpoint recorded; a given token (<|ul2_S|>: every text, query and
+    document, starts with id 151671) is kept; the resolved text is written back to the config train.py saves."""
     import tokenizer as tok
     f = write(tmp_path / "nli.tsv", NLI)
     random_encdec().save_pretrained(str(tmp_path / "ul2" / "ckpt-0000010"))
@@ -223,11 +223,13 @@ def test_mode_token_auto_follows_the_starting_point(tmp_path, hf_qwen3_dir):
     enc.mkdir()
     (enc / "config.json").write_text(json.dumps({"model_type": "qwen3_encoder", "prompts": {"default": "<|ul2_R|>"}}))
     (tmp_path / "run").mkdir()
-    cases = [(dict(init_from="pretrained", init_path=str(tmp_path / "ul2")), "<|ul2_S|>"),
+    cases = [(dict(init_from="pretrained", init_path=str(tmp_path / "ul2")), ""),
              (dict(init_from="pretrained", init_path=str(enc)), "<|ul2_R|>"),
              (dict(init_from="qwen3", qwen3_path=hf_qwen3_dir), ""),
              (dict(init_from="scratch"), ""),
-             (dict(init_from="pretrained", init_path=str(tmp_path / "ul2"), contrastive_mode_token=""), ""),
+             (dict(init_from="pretrained", init_path=str(tmp_path / "ul2"), contrastive_mode_token="<|ul2_S|>"),
+              "<|ul2_S|>"),
+             (dict(init_from="pretrained", init_path=str(enc), contrastive_mode_token=""), ""),
              (dict(init_from="scratch", contrastive_mode_token="<|ul2_X|>"), "<|ul2_X|>")]
     for kw, want in cases:
         c = config(f, **kw, contrastive_query_prefix="q: ", out_dir=str(tmp_path / "run"))
@@ -472,8 +474,9 @@ def test_train_py_two_processes_equal_one_with_the_whole_batch(tmp_path, hf_qwen
 
 @pytest.mark.slow
 def test_train_py_from_a_ul2_run_learned_temperature_trimmed_resumes_exactly(tmp_path):
-    """init_from='pretrained' (a UL2 out_dir), a learned temperature, trim_vocab: 4 iterations straight ==
-    2, then resume to 4 (weights and temperature, the mode token); the temperature moved; extract ships it."""
+    """init_from='pretrained' (a UL2 out_dir), a learned temperature, trim_vocab, the <|ul2_S|> mode token:
+    4 iterations straight == 2, then resume to 4 without naming the token ('auto' keeps the recorded one);
+    weights and temperature equal; the temperature moved; extract ships it with the token as default prompt."""
     import train
     ed = random_encdec()
     ed.save_pretrained(str(tmp_path / "ul2" / "ckpt-0000010"))
@@ -485,16 +488,17 @@ def test_train_py_from_a_ul2_run_learned_temperature_trimmed_resumes_exactly(tmp
               "--contrastive_attn_dropout=0.1", "--contrastive_hidden_dropout=0.1", "--batch_size=4",
               "--eval_interval=0", "--log_interval=1", "--warmup_iters=1", "--device=cpu", "--learning_rate=3e-3",
               "--lr_decay_iters=4", "--ckpt_interval=2"]
-    train.main([*common, "--max_iters=4", f"--out_dir={tmp_path / 'straight'}"])
-    train.main([*common, "--max_iters=2", f"--out_dir={tmp_path / 'split'}"])
+    mode = "--contrastive_mode_token=<|ul2_S|>"
+    train.main([*common, mode, "--max_iters=4", f"--out_dir={tmp_path / 'straight'}"])
+    train.main([*common, mode, "--max_iters=2", f"--out_dir={tmp_path / 'split'}"])
     train.main([*common[:1], "--init_from=resume", *common[3:], "--max_iters=4", f"--out_dir={tmp_path / 'split'}"])
     a, b = (M.read_safetensors_dir(str(tmp_path / r / "ckpt-0000004")) for r in ("straight", "split"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (json.loads((tmp_path / r / "ckpt-0000004" / "trainer_state.json").read_text())["objective_params"]
               for r in ("straight", "split"))
     assert sa == sb and sa["contrastive.log_scale"] != pytest.approx(math.log(20), abs=1e-6)
-    # from a UL2 run the mode token is <|ul2_S|> ('auto'), kept on resume (the weights above match only if the
-    # resumed half read the same texts), and shipped as the encoder's default prompt
+    # the mode token is kept on resume (the weights above match only if the resumed half read the same texts)
+    # and shipped as the encoder's default prompt
     for r in ("straight", "split"):
         state = json.loads((tmp_path / r / "ckpt-0000004" / "trainer_state.json").read_text())
         assert state["config"]["contrastive_mode_token"] == "<|ul2_S|>"
