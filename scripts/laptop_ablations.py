@@ -132,17 +132,21 @@ def main():
     base_raw = raw_enc[base_rope]
     for name, prompt in MODE_PROMPTS.items():
         report["mode_token"]["raw"][name] = sts_with_prompt(base_raw, prompt, dev)
-    # the recipe's runs are one arm (the mode token they recorded); train the other with it set explicitly
-    state = R.checkpoint.read_trainer_state(R.checkpoint.newest(os.path.join(rec, "contrastive", f"ul2-s{R.SEEDS[0]}")))
-    base_mode = state["config"].get("contrastive_mode_token", "")
+    # the recipe's runs are one arm (the mode token they were trained and exported with, their default prompt);
+    # train the other with it set explicitly
+    import eval_embed
+    recipe_ckpt = R.checkpoint.newest(os.path.join(rec, "contrastive", f"ul2-s{R.SEEDS[0]}"))
+    recipe_run = eval_embed.contrastive_run_config(recipe_ckpt)
+    base_mode = eval_embed.run_prompts(recipe_run).get("default", "")
     other_mode = "" if base_mode else CONTRASTIVE_MODE
     mode_enc = {base_mode: con_enc[base_rope],
                 other_mode: [contrastive(f"ul2-{other_mode.strip('<|>') or 'notoken'}", ul2_start,
                                          [f"--contrastive_mode_token={other_mode}"], s) for s in AB_SEEDS]}
     scores = R.evaluate(py, [f"ours:{e}" for e in mode_enc[other_mode]], dev, results)
+    arms = {m or "none": mode_enc[m] for m in ("", CONTRASTIVE_MODE)}
     report["mode_token"]["recipe"] = base_mode or "none"
-    report["mode_token"]["contrastive"] = {m or "none": [scores[f"ours:{e}"] for e in mode_enc[m]] for m in ("", CONTRASTIVE_MODE)}
-    report["mode_token"]["snli_dev"] = {m or "none": [snli[e] for e in mode_enc[m]] for m in ("", CONTRASTIVE_MODE)}
+    report["mode_token"]["contrastive"] = {k: [scores[f"ours:{e}"] for e in es] for k, es in arms.items()}
+    report["mode_token"]["snli_dev"] = {k: [snli[e] for e in es] for k, es in arms.items()}
 
     # (c) pooling, each trained with the pooling it is scored with
     pool_enc = {"mean": con_enc[base_rope][:len(R.SEEDS)]}
